@@ -1,0 +1,89 @@
+"""On-disk cache of base models (safetensors) and ground truths (npz), keyed by content hashes.
+
+Each entry stores its key inside; an entry whose stored key or contents do not
+match is reported as corrupt and recomputed, never silently reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+class CacheCorruptError(RuntimeError):
+    """A cache file is unreadable or was written for other settings."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ArtifactCache:
+    """``root/models/<key>.safetensors`` + ``.json``; ``root/groundtruth/<key>.npz``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # -- models ------------------------------------------------------------
+    def model_paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / "models" / f"{key}.safetensors", self.root / "models" / f"{key}.json"
+
+    def save_model(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        weights, info = self.model_paths(key)
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        atomic_write(weights, lambda p: save_file(cpu, str(p), metadata={"key": key}))
+        atomic_write(info, lambda p: p.write_text(json.dumps({"key": key, **meta}, indent=2, sort_keys=True)))
+
+    def load_model(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        weights, info = self.model_paths(key)
+        if not weights.exists() or not info.exists():
+            return None
+        try:
+            tensors = load_file(str(weights))
+            meta = json.loads(info.read_text())
+        except Exception as err:  # safetensors raises several error types
+            raise CacheCorruptError(f"corrupt cached model {weights}: {err}") from err
+        if meta.get("key") != key:
+            raise CacheCorruptError(f"cached model {info} was written for key {meta.get('key')!r}, expected {key!r}")
+        return tensors, meta
+
+    # -- ground truths -----------------------------------------------------
+    def groundtruth_path(self, key: str) -> Path:
+        return self.root / "groundtruth" / f"{key}.npz"
+
+    def save_arrays(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        payload = {**arrays, "__key__": np.array(key), "__meta__": np.array(json.dumps(meta, sort_keys=True))}
+        atomic_write(self.groundtruth_path(key), lambda p: np.savez(p.open("wb"), **payload))
+
+    def load_arrays(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        path = self.groundtruth_path(key)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except Exception as err:  # zip and format errors come in many types
+            raise CacheCorruptError(f"corrupt cached ground truth {path}: {err}") from err
+        if str(arrays.pop("__key__", "")) != key:
+            raise CacheCorruptError(f"cached ground truth {path} was written for other settings")
+        meta = json.loads(str(arrays.pop("__meta__")))
+        return arrays, meta

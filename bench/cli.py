@@ -1,0 +1,129 @@
+"""The ``ifbench`` command line: run | list | leaderboard | check-estimator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, with_overrides
+from bench.registry import RegistryError
+
+EXIT_USAGE = 2
+
+
+def _names(values: Sequence[str] | None) -> list[str] | None:
+    """Accept both ``--x a b`` and ``--x a,b``."""
+    if values is None:
+        return None
+    return [part for value in values for part in value.split(",") if part]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ifbench", description="Benchmark training-data influence estimators "
+                                     "against leave-out-and-retrain ground truth.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a suite (resumes: finished cells are skipped)")
+    run.add_argument("--suite", default="default", help=f"built-in suite ({', '.join(BUILTIN_SUITES)}) or a TOML file")
+    run.add_argument("--tasks", nargs="+", help="only these tasks")
+    run.add_argument("--estimators", nargs="+", help="only these estimators (default: all registered)")
+    run.add_argument("--protocols", nargs="+", help="only these ground-truth protocols")
+    run.add_argument("--results", type=Path, help="results folder (default: results/<suite>)")
+    run.add_argument("--device", help=f"{' or '.join(DEVICES)} (or cuda:N); default from the suite (cpu)")
+    run.add_argument("--seed", type=int, help="root seed (default from the suite: 0)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (recorded; results depend on it)")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                     help="import estimators from a module or .py file (repeatable)")
+    run.add_argument("--retry-failed", action="store_true", help="re-run cells that failed before")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    lst = sub.add_parser("list", help="list registered estimators, tasks and protocols")
+    lst.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE")
+
+    board = sub.add_parser("leaderboard", help="render the markdown leaderboard from a results folder")
+    board.add_argument("--results", type=Path, required=True)
+    board.add_argument("--out", type=Path, required=True, help="markdown file to write (figures go beside it)")
+    board.add_argument("--no-figures", action="store_true")
+
+    check = sub.add_parser("check-estimator", help="conformance check of an estimator on a tiny exact problem")
+    check.add_argument("name")
+    check.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bench.catalog import default_registries
+    from bench.leaderboard import write_leaderboard
+    from bench.runner import Runner, plan_suite
+
+    suite = load_suite(args.suite)
+    suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
+                           estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads)
+    plan = plan_suite(suite, default_registries(args.plugin))  # validates everything before any write
+    results = args.results or Path("results") / suite.name
+    print(f"ifbench: suite {suite.name!r} · {len(plan.tasks)} task(s) × {len(plan.protocols)} protocol(s) × "
+          f"{len(plan.estimators)} estimator(s) → {results}", file=sys.stderr)
+    summary = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed).run()
+    board = write_leaderboard(results, results / "leaderboard.md")
+    print(f"ifbench: {summary.ran} cell(s) run, {summary.skipped} already finished, {summary.failed} failed; "
+          f"leaderboard: {board}", file=sys.stderr)
+    for failure in summary.failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from bench.catalog import default_registries
+
+    registries = default_registries(args.plugin)
+    for title, registry in (("estimators", registries.estimators), ("tasks", registries.tasks),
+                            ("protocols", registries.protocols)):
+        print(f"{title}:")
+        for name in registry.names():
+            obj = registry.get(name)
+            doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+            extra = f"  [{registry.origin(name)}]" if registry.origin(name) != "built-in" else ""
+            print(f"  {name:<14} {doc}{extra}")
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.leaderboard import write_leaderboard
+
+    if not (args.results / "records.jsonl").exists():
+        raise ConfigError(f"no results in {args.results} (records.jsonl is missing): run `ifbench run` first")
+    out = write_leaderboard(args.results, args.out, with_figures=not args.no_figures)
+    print(f"ifbench: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from bench.catalog import default_registries
+    from bench.conformance import check_estimator
+
+    cls = default_registries(args.plugin).estimators.get(args.name)
+    checks = check_estimator(cls)
+    for check in checks:
+        print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    passed = all(c.passed for c in checks)
+    print(f"{args.name}: {'conforms' if passed else 'does NOT conform'}")
+    return 0 if passed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check-estimator": _cmd_check}
+    try:
+        return commands[args.command](args)
+    except (RegistryError, ConfigError, FileNotFoundError) as err:
+        print(f"ifbench: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

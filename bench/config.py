@@ -1,0 +1,214 @@
+"""Suite configuration: TOML files parsed into frozen, validated dataclasses.
+
+A suite file looks like::
+
+    name = "default"
+    seed = 0
+    threads = 2
+    estimators = ["all"]            # or a list of names
+
+    [[tasks]]
+    name = "mnist-logreg"
+    preset = "default"              # any other key overrides a preset field
+
+    [[protocols]]
+    name = "loo"
+    n_removed = 100
+
+    [estimator_options.if-lissa]    # per-estimator Config fields
+    depth = 3000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+BUILTIN_SUITES = ("smoke", "default")
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A malformed suite file or option; the message names the bad value and the valid choices."""
+
+
+def _freeze(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A named component (task, protocol or estimator) with option overrides."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    preset: str = "default"
+
+    @classmethod
+    def of(cls, name: str, preset: str = "default", **options: Any) -> ComponentSpec:
+        return cls(name=name, options=_freeze(options), preset=preset)
+
+    def options_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Everything that decides a run's numbers (plus where results go)."""
+
+    name: str
+    tasks: tuple[ComponentSpec, ...]
+    protocols: tuple[ComponentSpec, ...]
+    estimators: tuple[str, ...] = ("all",)
+    estimator_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 2
+    bootstrap_resamples: int = 1000
+    top_k: int = 10
+
+    def options_for(self, estimator: str) -> dict[str, Any]:
+        return dict(dict(self.estimator_options).get(estimator, ()))
+
+
+_SUITE_KEYS = {f.name for f in dataclasses.fields(SuiteConfig)}
+
+
+def make_config(config_cls: type[C], options: Mapping[str, Any], what: str, base: C | None = None) -> C:
+    """Build ``config_cls`` from ``options`` (over ``base``), rejecting unknown or ill-typed keys."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
+    for key in options:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            valid = ", ".join(sorted(fields)) or "(none)"
+            raise ConfigError(f"unknown option {key!r} for {what}.{hint} Valid options: {valid}")
+    start = base if base is not None else config_cls()
+    checked = {}
+    for key, value in options.items():
+        current = getattr(start, key)
+        checked[key] = _coerce(value, current, f"{what}.{key}")
+    return dataclasses.replace(start, **checked)  # type: ignore[type-var]
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _component_list(raw: Any, key: str) -> tuple[ComponentSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"suite key {key!r} must be a non-empty array of tables like [[{key}]] name = ...")
+    specs = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"{key}[{i}] must be a table with a string 'name', got {item!r}")
+        options = {k: v for k, v in item.items() if k not in ("name", "preset")}
+        specs.append(ComponentSpec.of(item["name"], str(item.get("preset", "default")), **options))
+    return tuple(specs)
+
+
+def parse_suite(data: Mapping[str, Any], source: str = "<suite>") -> SuiteConfig:
+    """Validate a parsed TOML mapping into a :class:`SuiteConfig`."""
+    unknown = set(data) - _SUITE_KEYS
+    if unknown:
+        bad = sorted(unknown)[0]
+        close = difflib.get_close_matches(bad, _SUITE_KEYS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: unknown suite key {bad!r}.{hint} Valid keys: {', '.join(sorted(_SUITE_KEYS))}")
+    estimators = data.get("estimators", ["all"])
+    if isinstance(estimators, str):
+        estimators = [estimators]
+    if not isinstance(estimators, list) or not all(isinstance(e, str) for e in estimators):
+        raise ConfigError(f"{source}: 'estimators' must be a list of names or ['all'], got {estimators!r}")
+    est_options = data.get("estimator_options", {})
+    if not isinstance(est_options, dict) or not all(isinstance(v, dict) for v in est_options.values()):
+        raise ConfigError(f"{source}: [estimator_options.NAME] tables must hold option = value pairs")
+    suite = SuiteConfig(
+        name=str(data.get("name", Path(source).stem)),
+        tasks=_component_list(data.get("tasks"), "tasks"),
+        protocols=_component_list(data.get("protocols"), "protocols"),
+        estimators=tuple(estimators),
+        estimator_options=tuple(sorted((k, _freeze(v)) for k, v in est_options.items())),
+    )
+    scalars = {k: data[k] for k in ("seed", "device", "threads", "bootstrap_resamples", "top_k") if k in data}
+    suite = make_config(SuiteConfig, scalars, f"suite {source}", base=suite)
+    return validate_suite(suite)
+
+
+def validate_suite(suite: SuiteConfig) -> SuiteConfig:
+    if suite.device not in DEVICES and not suite.device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {suite.device!r}. Valid devices: {', '.join(DEVICES)} (or cuda:N)")
+    if suite.threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {suite.threads}")
+    if suite.bootstrap_resamples < 10:
+        raise ConfigError(f"bootstrap_resamples must be >= 10, got {suite.bootstrap_resamples}")
+    if suite.top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {suite.top_k}")
+    return suite
+
+
+def load_suite(name_or_path: str) -> SuiteConfig:
+    """A built-in suite by name (``smoke``, ``default``) or a TOML file path."""
+    if name_or_path in BUILTIN_SUITES:
+        text = resources.files("bench.suites").joinpath(f"{name_or_path}.toml").read_text()
+        source = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown suite {name_or_path!r}: not a built-in suite ({', '.join(BUILTIN_SUITES)}) "
+                "and no such file"
+            )
+        text, source = path.read_text(), str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: malformed TOML: {err}") from err
+    return parse_suite(data, source)
+
+
+def with_overrides(suite: SuiteConfig, **overrides: Any) -> SuiteConfig:
+    """Apply CLI overrides (``None`` means "not given")."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("tasks", "protocols"):
+        if key in given:
+            by_name = {spec.name: spec for spec in getattr(suite, key)}
+            given[key] = tuple(by_name.get(n, ComponentSpec.of(n)) for n in given[key])
+    if "estimators" in given:
+        given["estimators"] = tuple(given["estimators"])
+    return validate_suite(dataclasses.replace(suite, **given))
+
+
+@dataclass(frozen=True)
+class EmptyConfig:
+    """For components without options."""

@@ -1,0 +1,52 @@
+"""Seaborn figures for the leaderboard: predicted vs actual removal effects."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench.leaderboard import MAIN_METRIC, figure_name
+from bench.store import ResultsStore
+
+
+def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Path) -> dict[tuple[str, str], Path]:
+    """One scatter per (task, protocol) for the best estimator by the main metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        if record.get("status") == "ok" and record.get("metrics", {}).get(MAIN_METRIC) is not None:
+            groups[(record["task"], record["protocol"])].append(record)
+    for key, group in groups.items():
+        best[key] = max(group, key=lambda r: r["metrics"][MAIN_METRIC])
+    written = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    sns.set_theme(style="whitegrid", context="notebook")
+    for (task, protocol), record in best.items():
+        arrays = store.load_artifact(record["cell_key"])
+        if arrays is None:
+            continue
+        predicted, actual = arrays
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        sns.scatterplot(x=actual.ravel(), y=predicted.ravel(), s=8, alpha=0.35, linewidth=0, ax=ax)
+        low = float(min(actual.min(), predicted.min()))
+        high = float(max(actual.max(), predicted.max()))
+        ax.plot([low, high], [low, high], color="0.4", linewidth=1, linestyle="--", label="y = x")
+        ax.set_xlabel("actual Δ query loss (retrained)")
+        ax.set_ylabel(f"predicted by {record['estimator']}")
+        pearson = record["metrics"][MAIN_METRIC]
+        ax.set_title(f"{task} · {protocol}\n{record['estimator']}: mean per-query Pearson {pearson:.3f}", fontsize=10)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        path = folder / figure_name(task, protocol)
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        written[(task, protocol)] = path
+    return written

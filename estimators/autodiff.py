@@ -1,0 +1,91 @@
+"""Per-example gradients, Hessian-vector products and Hessians through ``torch.func``.
+
+Parameters are handled as one flat vector θ ``[P]`` over a chosen subset of the
+model's parameters (all by default); the rest stay fixed at their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from tasks.base import Params, Split
+
+
+@dataclass(frozen=True)
+class FlatLoss:
+    """The per-example loss as a function of a flat parameter vector."""
+
+    model: nn.Module
+    params: Params
+    loss: Callable[[Tensor, Tensor], Tensor]
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, params: Params, loss: Callable[[Tensor, Tensor], Tensor],
+           names: Sequence[str] | None = None) -> FlatLoss:
+        chosen = tuple(names) if names is not None else tuple(params)
+        unknown = [n for n in chosen if n not in params]
+        if unknown:
+            raise ValueError(f"unknown parameter names {unknown}; the model has {list(params)}")
+        return cls(model, {k: v.detach() for k, v in params.items()}, loss, chosen)
+
+    @property
+    def size(self) -> int:
+        return sum(self.params[n].numel() for n in self.names)
+
+    def theta(self) -> Tensor:
+        return torch.cat([self.params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, theta: Tensor) -> Params:
+        merged, offset = dict(self.params), 0
+        for name in self.names:
+            shape = self.params[name].shape
+            merged[name] = theta[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return merged
+
+    def batch_losses(self, theta: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+        return self.loss(functional_call(self.model, self.unflatten(theta), (inputs,)), targets)
+
+    def example_loss(self, theta: Tensor, inputs: Tensor, target: Tensor) -> Tensor:
+        return self.batch_losses(theta, inputs[None], target[None])[0]
+
+
+def per_example_grads(flat: FlatLoss, split: Split, *, chunk: int = 64, theta: Tensor | None = None) -> Tensor:
+    """∇θ ℓ(z_i, θ) for every example: ``[len(split), P]``, vmapped in chunks."""
+    theta = flat.theta() if theta is None else theta
+    grad_fn = vmap(grad(flat.example_loss), in_dims=(None, 0, 0))
+    rows = [grad_fn(theta, split.inputs[i : i + chunk], split.targets[i : i + chunk]) for i in range(0, len(split), chunk)]
+    return torch.cat(rows) if rows else theta.new_zeros(0, flat.size)
+
+
+def hvp_operator(flat: FlatLoss, split: Split, l2: float, *, chunk: int = 1024,
+                 theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """V ``[B, P]`` ↦ V (1/|split| Σ ∇²ℓ_i + l2·I) row by row (forward-over-reverse)."""
+    theta = flat.theta() if theta is None else theta
+    n = len(split)
+
+    def matvec(vectors: Tensor) -> Tensor:
+        out = l2 * vectors
+        for i in range(0, n, chunk):
+            inputs, targets = split.inputs[i : i + chunk], split.targets[i : i + chunk]
+            gradient = grad(lambda t, x=inputs, y=targets: flat.batch_losses(t, x, y).sum())
+            out = out + vmap(lambda v, g=gradient: jvp(g, (theta,), (v,))[1])(vectors) / n
+        return out
+
+    return matvec
+
+
+def full_hessian(flat: FlatLoss, split: Split, l2: float, *, chunk: int = 256) -> Tensor:
+    """(1/n) Σ ∇²ℓ_i + l2·I as a dense ``[P, P]`` matrix (small models only)."""
+    theta = flat.theta()
+    total = l2 * torch.eye(flat.size, dtype=theta.dtype, device=theta.device)
+    for i in range(0, len(split), chunk):
+        inputs, targets = split.inputs[i : i + chunk], split.targets[i : i + chunk]
+        total = total + torch.func.hessian(lambda t, x=inputs, y=targets: flat.batch_losses(t, x, y).sum())(theta) / len(split)
+    return total

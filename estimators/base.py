@@ -1,0 +1,84 @@
+"""The Estimator protocol.
+
+Score convention (every estimator, every protocol): ``score`` returns a float32
+matrix ``scores[n_query, n_cols]`` whose entry (q, j) predicts the change in the
+query's loss when training point ``train_idx[j]`` is **removed** and the model
+retrained::
+
+    scores[q, j] ≈ loss(θ₋z, z_q) − loss(θ̂, z_q)
+
+Positive means the point helped the query (removing it raises the loss).
+Ground truth measures exactly this quantity, so no metric flips a sign.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bench.config import EmptyConfig
+from tasks.base import Checkpoint, Params, Split
+
+#: Capabilities an estimator may declare; the runner asks only for what is declared.
+SINGLE = "single"  # per-point scores (this protocol)
+GROUP = "group"  # scores for removing a whole group
+PARAMETER_UPDATE = "parameter-update"  # Δθ for removing / relabelling a set
+SELF_INFLUENCE = "self-influence"  # influence of a point on itself
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """Everything an estimator may use, on one device and in the task's dtype.
+
+    ``loss(outputs, targets)`` is per-example ``[b]``; the training objective is
+    ``(1/n) Σ ℓ_i + (l2/2)||θ||²`` with ``n = len(train)``, so its Hessian is
+    ``(1/n) Σ ∇²ℓ_i + l2·I``. ``exact_hessian`` is a task's fast path for that
+    Hessian ``[P, P]`` (parameters flattened in ``params`` order), or None.
+    """
+
+    model: nn.Module
+    params: Params
+    loss: Callable[[Tensor, Tensor], Tensor]
+    l2: float
+    train: Split
+    seed: int
+    checkpoints: tuple[Checkpoint, ...] = ()
+    exact_hessian: Callable[[], Tensor] | None = None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+
+class Estimator(ABC):
+    """Base class of influence estimators. Subclasses are marked with ``@registered("name")``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = EmptyConfig
+    capabilities: ClassVar[frozenset[str]] = frozenset({SINGLE})
+    #: Baselines (random, ...) are not expected to agree with ground truth.
+    is_baseline: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def fit(self, ctx: FitContext) -> None:
+        """Precompute whatever does not depend on the queries."""
+
+    @abstractmethod
+    def score(self, queries: Split, train_idx: Tensor) -> Tensor:
+        """``[len(queries), len(train_idx)]`` float32 predicted removal effects (see module docstring)."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers worth recording with the result (iterations, residuals, chosen scales)."""
+        return {}

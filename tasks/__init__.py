@@ -1,0 +1,1 @@
+"""Benchmark tasks: real data, a model, a deterministic training recipe, retraining."""

@@ -1,0 +1,138 @@
+"""The Task contract shared by every benchmark task.
+
+Objective convention (all tasks): training on the full set minimises
+``J(θ) = (1/n) Σ_i w_i ℓ(z_i, θ) + (l2/2) ||θ||²`` with ``n`` the *full*
+training-set size and ``w_i = 1``; removing a set of points sets their
+``w_i = 0`` and keeps ``n`` (Koh & Liang's ε = −1/n up-weighting). So the
+Hessian estimators must invert is ``H = (1/n) Σ ∇²ℓ_i + l2·I``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Aligned inputs ``[n, ...]`` and integer targets ``[n]``."""
+
+    inputs: Tensor
+    targets: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) differ in length")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, idx: Tensor | Sequence[int]) -> Split:
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.targets.device)
+        return Split(self.inputs[idx], self.targets[idx])
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.inputs.to(device), self.targets.to(device))
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train and test splits plus the seeded query set (indices into ``test``)."""
+
+    train: Split
+    test: Split
+    query_idx: Tensor
+
+    @property
+    def queries(self) -> Split:
+        return self.test.subset(self.query_idx)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Parameters saved during training and the learning rate in force there."""
+
+    params: Params
+    learning_rate: float
+    step: int
+
+
+@dataclass
+class TrainedModel:
+    """Trained parameters θ̂, training checkpoints, and diagnostics (accuracy, ‖∇J‖)."""
+
+    params: Params
+    checkpoints: tuple[Checkpoint, ...] = ()
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Retrained:
+    """The parameters retrained without a set of points, with convergence diagnostics."""
+
+    params: Params
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A benchmark task. Subclasses set ``name``, ``Config``, ``presets`` and ``version``.
+
+    ``version`` is part of every cache key: bump it when the data, model or
+    training recipe change, so no stale cache is reused.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    presets: ClassVar[dict[str, Any]]
+    version: ClassVar[str] = "1"
+
+    def __init__(self, config: Any, *, seed: int, device: torch.device | str = "cpu"):
+        self.config = config
+        self.seed = seed
+        self.device = torch.device(device)
+
+    @property
+    @abstractmethod
+    def l2(self) -> float:
+        """L2 coefficient of the training objective (see module docstring)."""
+
+    @abstractmethod
+    def load_data(self) -> TaskData:
+        """Deterministic splits on ``self.device``."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The architecture on ``self.device`` (its parameter values are not used)."""
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example loss ``[b]`` from model outputs ``[b, ...]`` and targets ``[b]``."""
+
+    @abstractmethod
+    def train(self, data: TaskData) -> TrainedModel:
+        """Train the base model θ̂ on the whole training set."""
+
+    @abstractmethod
+    def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor]) -> list[Retrained]:
+        """Retrain once per entry of ``removals`` (training indices to drop)."""
+
+    def exact_hessian(self, params: Params, data: TaskData) -> Tensor | None:
+        """Optional fast path: the full Hessian ``[P, P]`` of J at ``params``, or None."""
+        return None
+
+    def per_example_loss(self, model: nn.Module, params: Params, split: Split) -> Tensor:
+        """``ℓ(z, θ)`` for each example of ``split``: ``[len(split)]`` (no regulariser)."""
+        return self.loss(functional_call(model, params, (split.inputs,)), split.targets)
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, params: Params, split: Split) -> float:
+        logits = functional_call(model, params, (split.inputs,))
+        return float((logits.argmax(-1) == split.targets).double().mean())
