@@ -20,8 +20,10 @@ class RandomScores(Estimator):
     is_baseline: ClassVar[bool] = True
 
     def fit(self, ctx: FitContext) -> None:
-        self.seed = ctx.seed
+        self.seed, self.n_train = ctx.seed, ctx.n_train
 
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
-        generator = torch_generator(self.seed, "random-scores", len(queries), len(train_idx))
-        return torch.randn(len(queries), len(train_idx), generator=generator, dtype=torch.float32)
+        """One fixed draw per (query row, training point), whichever columns are asked for."""
+        generator = torch_generator(self.seed, "random-scores", len(queries))
+        full = torch.randn(len(queries), self.n_train, generator=generator, dtype=torch.float32)
+        return full[:, train_idx.cpu()]

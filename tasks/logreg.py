@@ -213,27 +213,27 @@ class LogRegTask(Task):
 
     def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor]) -> list[Retrained]:
         """Warm-started from θ̂ and run to ‖∇J‖ ≤ grad_tol (the optimum is unique)."""
+        results: list[Retrained] = []
+        for start in range(0, len(removals), self.config.retrain_batch):
+            chunk = removals[start : start + self.config.retrain_batch]
+            weights = torch.ones(len(chunk), len(data.train), dtype=self.dtype, device=self.device)
+            for row, removed in enumerate(chunk):
+                weights[row, torch.as_tensor(removed, device=self.device, dtype=torch.long)] = 0.0
+            results += self.retrain_weighted(data, base, weights)
+        return results
+
+    def retrain_weighted(self, data: TaskData, base: TrainedModel, weights: Tensor) -> list[Retrained]:
+        """Minimise J with per-example weights ``[B, n]`` (one retrain per row), from θ̂."""
         train, theta_hat = data.train, flatten(base.params)
         cached = getattr(self, "_factor", None)
         if cached is None or not torch.equal(cached[0], theta_hat):
             ones = torch.ones(len(train), dtype=self.dtype, device=self.device)
             hessian = objective_hessian(theta_hat, train.inputs, train.targets, ones, len(train), self.l2)
             self._factor = (theta_hat.clone(), torch.linalg.cholesky(hessian))
-        factor = self._factor[1]
+        thetas, norms, steps = self._newton(theta_hat.repeat(len(weights), 1), self._factor[1], data, weights)
         k, n_features = self.n_classes(data), train.inputs.shape[1]
-        results: list[Retrained] = []
-        for start in range(0, len(removals), self.config.retrain_batch):
-            chunk = removals[start : start + self.config.retrain_batch]
-            weights = torch.ones(len(chunk), len(train), dtype=self.dtype, device=self.device)
-            for row, removed in enumerate(chunk):
-                weights[row, torch.as_tensor(removed, device=self.device, dtype=torch.long)] = 0.0
-            thetas, norms, steps = self._newton(theta_hat.repeat(len(chunk), 1), factor, data, weights)
-            for row in range(len(chunk)):
-                results.append(Retrained(
-                    unflatten(thetas[row].clone(), k, n_features),
-                    {"grad_norm": float(norms[row]), "newton_steps": float(steps)},
-                ))
-        return results
+        info = [{"grad_norm": float(norm), "newton_steps": float(steps)} for norm in norms]
+        return [Retrained(unflatten(thetas[row].clone(), k, n_features), info[row]) for row in range(len(weights))]
 
 
 MNIST_PRESETS = {

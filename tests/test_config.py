@@ -1,0 +1,42 @@
+import pytest
+
+from bench.config import ConfigError, load_suite, make_config, parse_suite, with_overrides
+from bench.groundtruth.loo import LooConfig
+
+
+def test_builtin_suites_parse():
+    for name in ("smoke", "default"):
+        suite = load_suite(name)
+        assert suite.name == name and suite.tasks and suite.protocols
+
+
+def test_unknown_suite_names_builtins(tmp_path):
+    with pytest.raises(ConfigError, match="smoke, default"):
+        load_suite("nonexistent")
+
+
+def test_malformed_toml_is_reported(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed")
+    with pytest.raises(ConfigError, match="malformed TOML"):
+        load_suite(str(bad))
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="Did you mean 'seed'"):
+        parse_suite({"sed": 1, "tasks": [{"name": "t"}], "protocols": [{"name": "loo"}]})
+
+
+def test_component_options_are_typed():
+    assert make_config(LooConfig, {"n_removed": 7}, "loo").n_removed == 7
+    with pytest.raises(ConfigError, match="must be an integer"):
+        make_config(LooConfig, {"n_removed": "7"}, "loo")
+    with pytest.raises(ConfigError, match="Valid options: chunk, n_removed"):
+        make_config(LooConfig, {"n_remove": 7}, "loo")
+
+
+def test_cli_overrides_and_device_validation():
+    suite = load_suite("smoke")
+    assert with_overrides(suite, seed=3, estimators=["random"]).seed == 3
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        with_overrides(suite, device="tpu")

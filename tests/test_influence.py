@@ -1,0 +1,89 @@
+"""Influence estimators against exact references on toy-logreg (60 points, solved to 1e-12)."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench import metrics
+from bench.conformance import check_estimator
+from bench.registry import registered
+from estimators.baselines import RandomScores
+from estimators.influence import CgConfig, CgInfluence, ExactConfig, ExactInfluence, LissaConfig, LissaInfluence
+
+
+def fitted(cls, toy, config=None):
+    estimator = cls(config)
+    estimator.fit(toy.ctx)
+    return estimator
+
+
+def test_exact_influence_is_the_derivative_of_retraining(toy):
+    """Down-weight z by ε and retrain exactly: Δloss/ε → (1/n) g_qᵀ H⁻¹ g_z (the removal direction)."""
+    task, data = toy.task, toy.task.load_data()
+    base = task.train(data)
+    eps, points = 1e-5, torch.arange(0, 60, 7)
+    weights = torch.ones(len(points), 60, dtype=torch.float64)
+    weights[torch.arange(len(points)), points] = 1 - eps
+    model = task.build_model()
+    base_loss = task.per_example_loss(model, base.params, toy.queries)
+    retrained = task.retrain_weighted(data, base, weights)
+    derivative = torch.stack([(task.per_example_loss(model, r.params, toy.queries) - base_loss) / eps for r in retrained], 1)
+    scores = fitted(ExactInfluence, toy).score(toy.queries, points).double()
+    torch.testing.assert_close(scores, derivative.float().double(), rtol=2e-3, atol=1e-6)
+
+
+def test_exact_influence_tracks_brute_force_leave_one_out(toy):
+    scores = fitted(ExactInfluence, toy).score(toy.queries, toy.train_idx).numpy()
+    per_query = metrics.per_query(scores, toy.actual)["pearson"]
+    assert np.nanmean(per_query) > 0.9  # measured 0.954: a removal of 1/60 is not infinitesimal
+    # first order: same sign for every sizeable effect
+    big = np.abs(toy.actual) > 0.1 * np.abs(toy.actual).max()
+    assert (np.sign(scores[big]) == np.sign(toy.actual[big])).mean() > 0.95
+
+
+def test_autodiff_hessian_path_equals_closed_form(toy):
+    closed = fitted(ExactInfluence, toy).score(toy.queries, toy.train_idx)
+    generic = fitted(ExactInfluence, toy, ExactConfig(parameters=("weight", "bias"))).score(toy.queries, toy.train_idx)
+    torch.testing.assert_close(generic, closed, rtol=1e-5, atol=1e-7)
+
+
+def test_cg_and_lissa_converge_to_exact(toy):
+    exact = fitted(ExactInfluence, toy).score(toy.queries, toy.train_idx)
+    cg = fitted(CgInfluence, toy, CgConfig(tol=1e-10)).score(toy.queries, toy.train_idx)
+    torch.testing.assert_close(cg, exact, rtol=1e-4, atol=1e-7)
+    lissa = fitted(LissaInfluence, toy, LissaConfig(depth=3000, batch_size=60)).score(toy.queries, toy.train_idx)
+    torch.testing.assert_close(lissa, exact, rtol=1e-3, atol=1e-6)
+
+
+def test_stochastic_lissa_is_close_and_reproducible(toy):
+    exact = fitted(ExactInfluence, toy).score(toy.queries, toy.train_idx).numpy()
+    config = LissaConfig(depth=800, batch_size=20, repeats=2)
+    first = fitted(LissaInfluence, toy, config).score(toy.queries, toy.train_idx)
+    second = fitted(LissaInfluence, toy, config).score(toy.queries, toy.train_idx)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert np.nanmean(metrics.per_query(first.numpy(), exact)["pearson"]) > 0.9
+
+
+def test_lissa_with_too_small_scale_fails_loudly(toy):
+    with pytest.raises(Exception, match="diverged"):
+        fitted(LissaInfluence, toy, LissaConfig(scale=1e-3, depth=500)).score(toy.queries, toy.train_idx)
+
+
+def test_random_baseline_is_uncorrelated(toy):
+    scores = fitted(RandomScores, toy).score(toy.queries, toy.train_idx).numpy()
+    assert abs(np.nanmean(metrics.per_query(scores, toy.actual)["pearson"])) < 0.15
+
+
+@pytest.mark.parametrize("cls", [ExactInfluence, CgInfluence, LissaInfluence, RandomScores])
+def test_builtin_estimators_conform(cls):
+    assert all(check.passed for check in check_estimator(cls)), [c for c in check_estimator(cls) if not c.passed]
+
+
+def test_conformance_catches_a_flipped_sign():
+    @registered("flipped")
+    class Flipped(ExactInfluence):
+        def score(self, queries, train_idx):
+            return -super().score(queries, train_idx)
+
+    failed = {c.name for c in check_estimator(Flipped) if not c.passed}
+    assert failed == {"agreement with exact LOO"}

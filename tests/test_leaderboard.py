@@ -1,0 +1,49 @@
+"""The leaderboard renders from a fixed set of records exactly as the golden file says.
+
+Regenerate after an intended change with ``IFBENCH_UPDATE_GOLDEN=1 pytest tests/test_leaderboard.py``.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from bench.cli import main
+from bench.leaderboard import render_markdown
+from bench.store import ResultsStore
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_markdown_matches_golden_file():
+    markdown = render_markdown(ResultsStore(GOLDEN).records(), figures={("mnist-logreg", "loo"): "figures/x.png"})
+    expected = GOLDEN / "leaderboard.md"
+    if os.environ.get("IFBENCH_UPDATE_GOLDEN"):
+        expected.write_text(markdown)
+    assert markdown == expected.read_text()
+
+
+def test_ranking_latest_records_and_failures():
+    lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "rank" not in line]
+    assert rows[0].startswith("| 1 | `if-exact`") and rows[1].startswith("| 2 | `if-lissa`")
+    assert rows[2].startswith("| 3 | `random` | 0.020")  # the later of two records for one cell
+    assert rows[3].startswith("| – | `if-cg` | failed: score failed: RuntimeError: a \\| b |")
+
+
+def test_cli_writes_leaderboard_with_figure(tmp_path, toy):
+    # a real results folder: records plus the artifact the figure is drawn from
+    import numpy as np
+
+    results = tmp_path / "results"
+    shutil.copytree(GOLDEN, results, ignore=shutil.ignore_patterns("*.md"))
+    ResultsStore(results).save_artifact("k2", np.asarray(toy.actual, dtype=np.float32), np.asarray(toy.actual, dtype=np.float32))
+    out = tmp_path / "board" / "README.md"
+    assert main(["leaderboard", "--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "![mnist-logreg loo: predicted vs actual](figures/mnist-logreg--loo.png)" in text
+    assert (out.parent / "figures" / "mnist-logreg--loo.png").stat().st_size > 1000
+
+
+def test_leaderboard_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["leaderboard", "--results", str(tmp_path), "--out", str(tmp_path / "x.md")]) == 2
+    assert "run `ifbench run` first" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+"""End to end on toy-logreg: records, resume after a kill, failures recorded, caches checked."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bench.cli import main
+
+SUITE = textwrap.dedent("""
+    name = "toy"
+    seed = 0
+    threads = 1
+    bootstrap_resamples = 100
+
+    [[tasks]]
+    name = "toy-logreg"
+    preset = "default"
+
+    [[protocols]]
+    name = "loo"
+    n_removed = 30
+""")
+
+PLUGINS = textwrap.dedent('''
+    import os
+    import torch
+    from bench.registry import registered
+    from estimators.base import Estimator
+    from estimators.influence import ExactInfluence
+
+    @registered("zz-crash")
+    class Crash(Estimator):
+        """Raises while scoring."""
+        def fit(self, ctx): pass
+        def score(self, queries, train_idx): raise RuntimeError("boom")
+
+    @registered("zz-nan")
+    class Nan(ExactInfluence):
+        """Returns NaN scores."""
+        def score(self, queries, train_idx):
+            scores = super().score(queries, train_idx)
+            scores[0, 0] = float("nan")
+            return scores
+
+    @registered("zz-kill")
+    class Kill(ExactInfluence):
+        """Kills the whole process (as a crash or Ctrl-C would) when IFBENCH_TEST_KILL is set."""
+        def score(self, queries, train_idx):
+            if os.environ.get("IFBENCH_TEST_KILL"):
+                os._exit(137)
+            return super().score(queries, train_idx)
+''')
+
+
+@pytest.fixture
+def setup(tmp_path):
+    suite, plugin = tmp_path / "toy.toml", tmp_path / "plugins.py"
+    suite.write_text(SUITE)
+    plugin.write_text(PLUGINS)
+    return suite, plugin, tmp_path / "results"
+
+
+def records(results):
+    return [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_killed_run_resumes_without_recomputing(setup):
+    suite, plugin, results = setup
+    args = ["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--no-progress",
+            "--estimators", "if-exact", "random", "zz-kill"]
+    first = run_cli(*args, env_extra={"IFBENCH_TEST_KILL": "1"})
+    assert first.returncode == 137, first.stderr
+    before = records(results)
+    assert sorted(r["estimator"] for r in before) == ["if-exact", "random"]
+    groundtruth = next((results / "cache" / "groundtruth").glob("*.npz"))
+    stamp = groundtruth.stat().st_mtime_ns
+
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    after = records(results)
+    assert after[:2] == before  # finished cells untouched
+    assert [r["estimator"] for r in after[2:]] == ["zz-kill"]  # only the missing cell ran
+    assert groundtruth.stat().st_mtime_ns == stamp  # ground truth reused from the cache
+    assert "1 cell(s) run, 2 already finished" in second.stderr
+
+
+def test_failures_are_recorded_and_the_run_goes_on(setup, capsys):
+    suite, plugin, results = setup
+    code = main(["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--no-progress",
+                 "--estimators", "zz-crash", "zz-nan", "if-exact"])
+    assert code == 0
+    by_name = {r["estimator"]: r for r in records(results)}
+    assert by_name["zz-crash"]["status"] == "failed" and "RuntimeError: boom" in by_name["zz-crash"]["error"]
+    assert by_name["zz-nan"]["status"] == "failed" and "1 non-finite" in by_name["zz-nan"]["error"]
+    assert by_name["if-exact"]["status"] == "ok" and by_name["if-exact"]["metrics"]["pearson"] > 0.9
+    board = (results / "leaderboard.md").read_text()
+    assert "failed: score failed: RuntimeError: boom" in board
+    assert "2 failed" in capsys.readouterr().err
+
+
+def test_record_schema(setup):
+    suite, _, results = setup
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--estimators", "if-cg", "--no-progress"]) == 0
+    (record,) = records(results)
+    for key in ("schema_version", "task", "protocol", "estimator", "status", "error", "metrics", "ci", "profile",
+                "config_hash", "git_commit", "versions"):
+        assert key in record
+    assert set(record["metrics"]) == {"pearson", "spearman", "kendall", "top_k_overlap"}
+    assert {"fit_s", "score_s", "peak_mem_mb"} <= set(record["profile"])
+    low, high = record["ci"]["pearson"]
+    assert low <= record["metrics"]["pearson"] <= high
+
+
+def test_same_command_gives_same_numbers(setup):
+    suite, _, results = setup
+    for folder in ("a", "b"):
+        assert main(["run", "--suite", str(suite), "--results", str(results / folder), "--estimators", "if-lissa",
+                     "random", "--no-progress"]) == 0
+    a, b = records(results / "a"), records(results / "b")
+    assert [r["metrics"] for r in a] == [r["metrics"] for r in b]
+
+
+def test_corrupt_cache_is_recomputed_not_reused(setup, caplog):
+    suite, _, results = setup
+    args = ["run", "--suite", str(suite), "--results", str(results), "--estimators", "if-exact", "--no-progress"]
+    assert main(args) == 0
+    first = records(results)[0]["metrics"]
+    for path in (results / "cache").rglob("*.*"):
+        path.write_bytes(b"garbage")
+    (results / "records.jsonl").unlink()
+    assert main(args) == 0
+    assert records(results)[0]["metrics"] == first
+    assert "corrupt cached" in caplog.text
+
+
+def test_unknown_names_exit_nonzero_and_write_nothing(tmp_path, capsys):
+    results = tmp_path / "out"
+    assert main(["run", "--estimators", "nope", "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown estimator 'nope'" in err and "if-exact" in err and "random" in err
+    assert not results.exists()
+    assert main(["run", "--tasks", "mnist-logreg", "--protocols", "lo", "--results", str(results)]) == 2
+    assert "Did you mean 'loo'" in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_bad_option_and_preset_are_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SUITE.replace('preset = "default"', 'preset = "huge"'))
+    assert main(["run", "--suite", str(bad), "--results", str(tmp_path / "r")]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    bad.write_text(SUITE + "\n[estimator_options.if-cg]\ntoll = 1e-3\n")
+    assert main(["run", "--suite", str(bad), "--results", str(tmp_path / "r")]) == 2
+    assert "Did you mean 'tol'" in capsys.readouterr().err

@@ -1,0 +1,30 @@
+import json
+
+from bench.store import ResultsStore
+
+
+def test_append_and_read_back(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append({"cell_key": "a", "metrics": {"pearson": float("nan")}})
+    store.append({"cell_key": "b", "metrics": {"pearson": 0.5}})
+    records = store.records()
+    assert [r["cell_key"] for r in records] == ["a", "b"]
+    assert records[0]["metrics"]["pearson"] is None and records[0]["schema_version"] == 1
+
+
+def test_torn_last_line_is_skipped_and_next_append_is_clean(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append({"cell_key": "a"})
+    with store.path.open("a") as handle:
+        handle.write('{"cell_key": "torn", "metr')  # a crash mid-write
+    assert [r["cell_key"] for r in store.records()] == ["a"]
+    store.append({"cell_key": "b"})
+    assert [r["cell_key"] for r in store.records()] == ["a", "b"]
+    assert all(json.loads(line) for line in store.path.read_text().splitlines()[-1:])
+
+
+def test_latest_keeps_last_record_per_cell(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append({"cell_key": "a", "status": "failed"})
+    store.append({"cell_key": "a", "status": "ok"})
+    assert store.latest()["a"]["status"] == "ok"
