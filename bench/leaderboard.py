@@ -73,7 +73,7 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[tuple[str, s
         "point is **removed** and the model retrained (positive: the point helped). Metrics compare predictions with "
         "the retrained ground truth per query, across the removed points, then average over queries; brackets give "
         "bootstrap 95% confidence intervals over queries. Time is wall-clock seconds; memory is the peak resident "
-        "set size of the process during the phase.",
+        "set size of the process during fit or score (on CUDA: the peak CUDA allocation).",
         "",
     ]
     for (task, protocol), group in groups.items():

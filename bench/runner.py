@@ -8,6 +8,7 @@ on a re-run, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import traceback
@@ -131,23 +132,26 @@ class Runner:
             return
         data = task.load_data()
         base = self._base_model(task, data, task_key)
-        fitted: dict[str, tuple[Estimator | None, Any, str | None]] = {}
+        truths = {p.name: self._ground_truth(task, data, base, task_key, p)
+                  for p in self.plan.protocols if any(q.name == p.name for q, _ in pending)}
         bar = tqdm(total=len(pending), desc=f"{planned.spec.name}", unit="cell", disable=not self.progress)
-        for protocol_plan in self.plan.protocols:
-            todo = [e for p, e in pending if p.name == protocol_plan.name]
+        for est in self.plan.estimators:  # estimator-major: each is freed before the next is profiled
+            todo = [p for p, e in pending if e.name == est.name]
             if not todo:
                 continue
-            truth = self._ground_truth(task, data, base, task_key, protocol_plan)
-            for est in todo:
+            fitted: dict[str, Any] = {}
+            for protocol_plan in todo:
                 bar.set_postfix_str(f"{protocol_plan.name}/{est.name}")
-                record = self._run_cell(task, data, base, planned, protocol_plan, est, truth, fitted,
-                                        keys[protocol_plan.name, est.name])
+                record = self._run_cell(task, data, base, planned, protocol_plan, est, truths[protocol_plan.name],
+                                        fitted, keys[protocol_plan.name, est.name])
                 self.store.append(record)
                 summary.ran += 1
                 if record["status"] != "ok":
                     summary.failed += 1
                     summary.failures.append(f"{planned.spec.name}/{protocol_plan.name}/{est.name}: {record['error']}")
                 bar.update(1)
+            del fitted
+            _release_memory(self.device)
         bar.close()
 
     def _cell_key(self, task_key: str, protocol: PlannedComponent, estimator: PlannedComponent) -> str:
@@ -278,6 +282,13 @@ class Runner:
         self.store.save_artifact(cell_key, predicted.astype(np.float32), truth.actual.astype(np.float32))
         record["status"] = "ok"
         return record
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free the last estimator's memory so the next one's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def validate_scores(scores: Any, shape: tuple[int, int]) -> str | None:

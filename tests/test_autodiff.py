@@ -16,7 +16,7 @@ def tiny_mlp_problem():
 
 
 def test_per_example_grads_match_a_python_loop():
-    model, params, split, flat = tiny_mlp_problem()
+    model, _, split, flat = tiny_mlp_problem()
     fast = per_example_grads(flat, split, chunk=4)
     for i in range(len(split)):
         model.zero_grad()

@@ -14,7 +14,7 @@ def test_mnist_loader_counts_and_balance():
     pixels, labels = load_mnist_5k()
     assert pixels.shape == (5000, 784) and labels.shape == (5000,)
     assert np.bincount(labels).tolist() == [500] * 10
-    assert 0.0 == pixels.min() and pixels.max() == 1.0
+    assert pixels.min() == 0.0 and pixels.max() == 1.0
 
 
 def test_splits_are_seeded_and_disjoint():

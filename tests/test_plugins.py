@@ -18,7 +18,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
 
 def install_fake_distribution(root, monkeypatch):
     """A real distribution on sys.path: a module plus a dist-info with an entry point."""
-    (root / "ifbench_demo_plugin.py").write_text(PLUGIN_SOURCE.format(name="demo-entry").replace("@registered(\"demo-entry\")\n", ""))
+    source = PLUGIN_SOURCE.format(name="demo-entry").replace('@registered("demo-entry")\n', "")
+    (root / "ifbench_demo_plugin.py").write_text(source)
     dist = root / "ifbench_demo_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ifbench-demo-plugin\nVersion: 0.1\n")
