@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tasks.base import Checkpoint, TrainedModel
+
 log = logging.getLogger(__name__)
 
 
@@ -87,3 +89,35 @@ class ArtifactCache:
             raise CacheCorruptError(f"cached ground truth {path} was written for other settings")
         meta = json.loads(str(arrays.pop("__meta__")))
         return arrays, meta
+
+
+def load_or_none(load: Any, key: str) -> Any:
+    """``load(key)``, or None (with a warning) when the entry is missing or corrupt."""
+    try:
+        return load(key)
+    except CacheCorruptError as err:
+        log.warning("%s; recomputing it", err)
+        return None
+
+
+def pack_trained(base: TrainedModel, task_name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (θ̂ and ``checkpoint.<i>.<name>``) and metadata for :meth:`ArtifactCache.save_model`."""
+    tensors = dict(base.params)
+    for i, checkpoint in enumerate(base.checkpoints):
+        tensors.update({f"checkpoint.{i}.{name}": value for name, value in checkpoint.params.items()})
+    meta = {
+        "task": task_name, "diagnostics": base.diagnostics,
+        "checkpoints": [{"learning_rate": c.learning_rate, "step": c.step} for c in base.checkpoints],
+    }
+    return tensors, meta
+
+
+def unpack_trained(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, device: torch.device) -> TrainedModel:
+    """Inverse of :func:`pack_trained`, on ``device``."""
+    params = {k: v.to(device) for k, v in tensors.items() if not k.startswith("checkpoint.")}
+    checkpoints = tuple(
+        Checkpoint({k.split(".", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"checkpoint.{i}.")},
+                   info["learning_rate"], info["step"])
+        for i, info in enumerate(meta.get("checkpoints", []))
+    )
+    return TrainedModel(params, checkpoints, meta["diagnostics"])

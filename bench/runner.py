@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import environment, metrics
-from bench.cache import ArtifactCache, CacheCorruptError
+from bench.cache import ArtifactCache, load_or_none, pack_trained, unpack_trained
 from bench.catalog import Registries
 from bench.config import ComponentSpec, ConfigError, SuiteConfig, make_config
 from bench.groundtruth.base import GroundTruth, Protocol
@@ -30,7 +30,7 @@ from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
 from estimators.base import SINGLE, Estimator, FitContext
-from tasks.base import Checkpoint, Task, TaskData, TrainedModel
+from tasks.base import Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -162,41 +162,20 @@ class Runner:
         return (protocol.name, protocol.cls.version, protocol.config, derive_seed(self.suite.seed, "protocol", protocol.name))
 
     def _base_model(self, task: Task, data: TaskData, task_key: str) -> TrainedModel:
-        try:
-            cached = self.cache.load_model(task_key)
-        except CacheCorruptError as err:
-            log.warning("%s; retraining", err)
-            cached = None
+        cached = load_or_none(self.cache.load_model, task_key)
         if cached is not None:
-            tensors, meta = cached
-            params = {k: v.to(self.device) for k, v in tensors.items() if not k.startswith("checkpoint.")}
-            checkpoints = tuple(
-                Checkpoint({k.split(".", 2)[2]: v.to(self.device) for k, v in tensors.items()
-                            if k.startswith(f"checkpoint.{i}.")}, c["learning_rate"], c["step"])
-                for i, c in enumerate(meta.get("checkpoints", []))
-            )
-            return TrainedModel(params, checkpoints, meta["diagnostics"])
+            return unpack_trained(*cached, device=self.device)
         log.info("training %s (cache key %s)", task.name, task_key)
         with profiled(self.device) as prof:
             base = task.train(data)
-        tensors = dict(base.params)
-        for i, checkpoint in enumerate(base.checkpoints):
-            tensors.update({f"checkpoint.{i}.{k}": v for k, v in checkpoint.params.items()})
         base.diagnostics["train_seconds"] = prof.seconds
-        self.cache.save_model(task_key, tensors, {
-            "task": task.name, "diagnostics": base.diagnostics,
-            "checkpoints": [{"learning_rate": c.learning_rate, "step": c.step} for c in base.checkpoints],
-        })
+        self.cache.save_model(task_key, *pack_trained(base, task.name))
         return base
 
     def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, task_key: str,
                       protocol_plan: PlannedComponent) -> GroundTruth:
         key = stable_hash(task_key, self._protocol_key_parts(protocol_plan))
-        try:
-            cached = self.cache.load_arrays(key)
-        except CacheCorruptError as err:
-            log.warning("%s; recomputing", err)
-            cached = None
+        cached = load_or_none(self.cache.load_arrays, key)
         if cached is not None:
             arrays, meta = cached
             return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"])

@@ -28,3 +28,17 @@ def test_latest_keeps_last_record_per_cell(tmp_path):
     store.append({"cell_key": "a", "status": "failed"})
     store.append({"cell_key": "a", "status": "ok"})
     assert store.latest()["a"]["status"] == "ok"
+
+
+def test_trained_model_round_trips_through_the_cache(tmp_path):
+    import torch
+
+    from bench.cache import ArtifactCache, pack_trained, unpack_trained
+    from tasks.base import Checkpoint, TrainedModel
+
+    base = TrainedModel({"w": torch.arange(6.0).view(2, 3)}, (Checkpoint({"w": torch.ones(2, 3)}, 0.1, 5),), {"acc": 0.9})
+    cache = ArtifactCache(tmp_path)
+    cache.save_model("k", *pack_trained(base, "t"))
+    back = unpack_trained(*cache.load_model("k"), device=torch.device("cpu"))
+    assert torch.equal(back.params["w"], base.params["w"]) and back.diagnostics == {"acc": 0.9}
+    assert back.checkpoints[0].learning_rate == 0.1 and torch.equal(back.checkpoints[0].params["w"], torch.ones(2, 3))
