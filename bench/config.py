@@ -51,10 +51,12 @@ class ComponentSpec:
     name: str
     options: tuple[tuple[str, Any], ...] = ()
     preset: str = "default"
+    #: tasks only: the suite protocols to run on this task (empty: all of them)
+    protocols: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, name: str, preset: str = "default", **options: Any) -> ComponentSpec:
-        return cls(name=name, options=_freeze(options), preset=preset)
+    def of(cls, name: str, preset: str = "default", protocols: tuple[str, ...] = (), **options: Any) -> ComponentSpec:
+        return cls(name=name, options=_freeze(options), preset=preset, protocols=tuple(protocols))
 
     def options_dict(self) -> dict[str, Any]:
         return dict(self.options)
@@ -132,8 +134,13 @@ def _component_list(raw: Any, key: str) -> tuple[ComponentSpec, ...]:
             item = {"name": item}
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{key}[{i}] must be a table with a string 'name', got {item!r}")
-        options = {k: v for k, v in item.items() if k not in ("name", "preset")}
-        specs.append(ComponentSpec.of(item["name"], str(item.get("preset", "default")), **options))
+        options = {k: v for k, v in item.items() if k not in ("name", "preset", "protocols")}
+        protocols = item.get("protocols", [])
+        if key != "tasks" and protocols:
+            raise ConfigError(f"{key}[{i}]: only [[tasks]] tables take a 'protocols' list")
+        if not isinstance(protocols, list) or not all(isinstance(p, str) for p in protocols):
+            raise ConfigError(f"{key}[{i}].protocols must be a list of protocol names, got {protocols!r}")
+        specs.append(ComponentSpec.of(item["name"], str(item.get("preset", "default")), tuple(protocols), **options))
     return tuple(specs)
 
 

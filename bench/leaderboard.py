@@ -73,7 +73,9 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[tuple[str, s
         "point is **removed** and the model retrained (positive: the point helped). Metrics compare predictions with "
         "the retrained ground truth per query, across the removed points, then average over queries; brackets give "
         "bootstrap 95% confidence intervals over queries. Time is wall-clock seconds; memory is the peak resident "
-        "set size of the process during fit or score (on CUDA: the peak CUDA allocation).",
+        "set size of the process during fit or score (on CUDA: the peak CUDA allocation). The *noise ceiling* is "
+        "the same metric between two ground truths that differ only in retraining seed: no estimator can be "
+        "expected to beat it.",
         "",
     ]
     for (task, protocol), group in groups.items():
@@ -91,6 +93,8 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     if "test_accuracy" in diagnostics:
         facts.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%")
     facts.append(f"{head.get('n_queries', '?')} queries × {head.get('n_columns', '?')} removed points")
+    if gt.get("seeds", 1) > 1:
+        facts.append(f"{int(gt['seeds'])} retraining seeds")
     if gt.get("max_retrain_grad_norm") is not None:
         facts.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
     if gt.get("seconds") is not None:
@@ -103,6 +107,13 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
         f"| rank | estimator | Pearson (95% CI) | Spearman | Kendall | top-{top_k} overlap | fit s | score s | peak MB |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if gt.get("ceiling_pearson") is not None:
+        low, high = gt.get("ceiling_pearson_ci") or [None, None]
+        lines.append(
+            f"| – | *noise ceiling* | {_num(gt['ceiling_pearson'])} ({_num(low)} – {_num(high)}) | "
+            f"{_num(gt.get('ceiling_spearman'))} | {_num(gt.get('ceiling_kendall'))} | {_num(gt.get('ceiling_top_k_overlap'))}"
+            " | | | |"
+        )
     rank = 0
     for record in group:
         profile = record.get("profile") or {}

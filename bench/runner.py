@@ -29,10 +29,12 @@ from bench.hashing import stable_hash
 from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
-from estimators.base import SINGLE, Estimator, FitContext
+from estimators.base import SINGLE, Estimator, FitContext, NotApplicable
 from tasks.base import Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
+
+NOT_APPLICABLE = "not-applicable"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,12 @@ def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
     """Resolve every name and option; raises RegistryError / ConfigError before any work."""
     registries.tasks.check(s.name for s in suite.tasks)
     registries.protocols.check(s.name for s in suite.protocols)
+    suite_protocols = [s.name for s in suite.protocols]
+    for spec in suite.tasks:
+        for name in spec.protocols:
+            if name not in suite_protocols:
+                raise ConfigError(f"task {spec.name!r} lists protocol {name!r}, which the suite does not run "
+                                  f"(suite protocols: {', '.join(suite_protocols)})")
     names = registries.estimators.names() if "all" in suite.estimators else list(dict.fromkeys(suite.estimators))
     registries.estimators.check(names)
     for name, _ in suite.estimator_options:
@@ -123,7 +131,8 @@ class Runner:
         task = planned.cls(planned.config, seed=task_seed, device=self.device)
         task_key = stable_hash("task", planned.spec.name, planned.cls.version, planned.config, task_seed,
                                self.device.type, suite.threads)
-        cells = [(p, e) for p in self.plan.protocols for e in self.plan.estimators]
+        protocols = [p for p in self.plan.protocols if not planned.spec.protocols or p.name in planned.spec.protocols]
+        cells = [(p, e) for p in protocols for e in self.plan.estimators]
         keys = {(p.name, e.name): self._cell_key(task_key, p, e) for p, e in cells}
         pending = [(p, e) for p, e in cells if keys[p.name, e.name] not in done]
         summary.skipped += len(cells) - len(pending)
@@ -132,8 +141,14 @@ class Runner:
             return
         data = task.load_data()
         base = self._base_model(task, data, task_key)
-        truths = {p.name: self._ground_truth(task, data, base, task_key, p)
-                  for p in self.plan.protocols if any(q.name == p.name for q, _ in pending)}
+        truths: dict[str, GroundTruth | str] = {}
+        for protocol_plan in protocols:
+            if any(q.name == protocol_plan.name for q, _ in pending):
+                try:
+                    truths[protocol_plan.name] = self._ground_truth(task, data, base, task_key, protocol_plan)
+                except Exception as err:  # recorded in every cell of this protocol; the run goes on
+                    log.error("ground truth %s/%s failed: %s", planned.spec.name, protocol_plan.name, err)
+                    truths[protocol_plan.name] = f"ground truth failed: {_describe(err)}"
         bar = tqdm(total=len(pending), desc=f"{planned.spec.name}", unit="cell", disable=not self.progress)
         for est in self.plan.estimators:  # estimator-major: each is freed before the next is profiled
             todo = [p for p, e in pending if e.name == est.name]
@@ -178,14 +193,32 @@ class Runner:
         cached = load_or_none(self.cache.load_arrays, key)
         if cached is not None:
             arrays, meta = cached
-            return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"])
+            return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"],
+                               arrays.get("replicates"))
         protocol_seed = derive_seed(self.suite.seed, "protocol", protocol_plan.name)
         protocol: Protocol = protocol_plan.cls(protocol_plan.config, seed=protocol_seed)
         with profiled(self.device) as prof:
             truth = protocol.compute(task, data, base, progress=self.progress)
-        diagnostics = {**truth.diagnostics, "seconds": prof.seconds}
-        self.cache.save_arrays(key, {"train_idx": truth.train_idx, "actual": truth.actual}, {"diagnostics": diagnostics})
-        return GroundTruth(truth.protocol, truth.train_idx, truth.actual, diagnostics)
+        diagnostics = {**truth.diagnostics, "seconds": prof.seconds, **self._noise_ceiling(truth, key)}
+        arrays = {"train_idx": truth.train_idx, "actual": truth.actual}
+        if truth.replicates is not None:
+            arrays["replicates"] = truth.replicates
+        self.cache.save_arrays(key, arrays, {"diagnostics": diagnostics})
+        return GroundTruth(truth.protocol, truth.train_idx, truth.actual, diagnostics, truth.replicates)
+
+    def _noise_ceiling(self, truth: GroundTruth, key: str) -> dict[str, Any]:
+        """Metrics of each seed replicate against the ground truth, averaged over replicates, per query."""
+        if truth.replicates is None or len(truth.replicates) == 0:
+            return {}
+        per_replicate = [metrics.per_query(rep, truth.actual, self.suite.top_k) for rep in truth.replicates]
+        ceiling: dict[str, Any] = {}
+        for name in metrics.METRICS:
+            values = np.mean([values[name] for values in per_replicate], axis=0)
+            summary = metrics.summarise(values, resamples=self.suite.bootstrap_resamples,
+                                        seed=derive_seed(self.suite.seed, "ceiling", key))
+            ceiling[f"ceiling_{name}"] = summary.mean
+            ceiling[f"ceiling_{name}_ci"] = [summary.low, summary.high]
+        return ceiling
 
     # -- cell level ----------------------------------------------------------
     def _fit(self, est: PlannedComponent, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
@@ -197,11 +230,14 @@ class Runner:
             model=task.build_model(), params=base.params, loss=task.loss, l2=task.l2, train=data.train,
             seed=derive_seed(self.suite.seed, "estimator", est.name, planned.spec.name),
             checkpoints=base.checkpoints, exact_hessian=lambda: task.exact_hessian(base.params, data),
+            default_parameters=task.influence_parameters,
         )
         with profiled(self.device) as prof:
             try:
                 estimator = est.cls(est.config)
                 estimator.fit(ctx)
+            except NotApplicable as err:
+                error, estimator = f"{NOT_APPLICABLE}: {err}", None
             except Exception as err:  # a crashing estimator becomes a failed cell
                 error = _describe(err)
                 estimator = None
@@ -209,28 +245,36 @@ class Runner:
         return fitted[est.name]
 
     def _run_cell(self, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
-                  protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth,
+                  protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth | str,
                   fitted: dict[str, Any], cell_key: str) -> dict[str, Any]:
         record: dict[str, Any] = {
             "cell_key": cell_key, "suite": self.suite.name, "task": planned.spec.name, "preset": planned.spec.preset,
             "protocol": protocol_plan.name, "estimator": est.name, "status": "failed", "error": None,
-            "metrics": {}, "ci": {}, "n_queries": int(truth.actual.shape[0]), "n_columns": int(truth.actual.shape[1]),
+            "metrics": {}, "ci": {},
             "config_hash": stable_hash(planned.config, protocol_plan.config, est.config, self.suite.seed),
             "estimator_config": _plain(est.config), "task_config": _plain(planned.config),
             "protocol_config": _plain(protocol_plan.config), "seed": self.suite.seed, "threads": self.suite.threads,
             "top_k": self.suite.top_k,
             "device": environment.device_description(self.suite.device), "git_commit": environment.git_commit(),
             "versions": environment.versions(), "task_diagnostics": base.diagnostics,
-            "groundtruth_diagnostics": truth.diagnostics, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if isinstance(truth, str):
+            record["error"] = truth
+            return record
+        record.update(n_queries=int(truth.actual.shape[0]), n_columns=int(truth.actual.shape[1]),
+                      groundtruth_diagnostics=truth.diagnostics)
         if SINGLE not in est.cls.capabilities:
-            record.update(status="not-applicable", error=f"{est.name} does not provide single-point scores")
+            record.update(status=NOT_APPLICABLE, error=f"{est.name} does not provide single-point scores")
             return record
         estimator, fit_prof, error = self._fit(est, task, data, base, planned, fitted)
         profile = {"fit_s": fit_prof.seconds, "fit_peak_mem_mb": fit_prof.peak_rss_mb, "fit_peak_cuda_mb": fit_prof.peak_cuda_mb}
         record["profile"] = profile
         if estimator is None:
-            record["error"] = f"fit failed: {error}"
+            if error.startswith(NOT_APPLICABLE):
+                record.update(status=NOT_APPLICABLE, error=error.removeprefix(f"{NOT_APPLICABLE}: "))
+            else:
+                record["error"] = f"fit failed: {error}"
             return record
         train_idx = torch.as_tensor(truth.train_idx, dtype=torch.long, device=self.device)
         with profiled(self.device) as prof:

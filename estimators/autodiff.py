@@ -16,6 +16,18 @@ from torch.func import functional_call, grad, jvp, vmap
 from tasks.base import Params, Split
 
 
+def select_parameters(params: Params, names: Sequence[str] | None) -> tuple[str, ...]:
+    """Parameter names matching ``names`` exactly or as a dotted prefix (``"fc"`` → ``fc.weight``,
+    ``fc.bias``), in model order; None or empty selects all."""
+    if not names:
+        return tuple(params)
+    chosen = tuple(p for p in params if any(p == n or p.startswith(n + ".") for n in names))
+    unmatched = [n for n in names if not any(p == n or p.startswith(n + ".") for p in params)]
+    if unmatched:
+        raise ValueError(f"parameter names {unmatched} match nothing; the model has {list(params)}")
+    return chosen
+
+
 @dataclass(frozen=True)
 class FlatLoss:
     """The per-example loss as a function of a flat parameter vector."""
@@ -28,11 +40,7 @@ class FlatLoss:
     @classmethod
     def of(cls, model: nn.Module, params: Params, loss: Callable[[Tensor, Tensor], Tensor],
            names: Sequence[str] | None = None) -> FlatLoss:
-        chosen = tuple(names) if names is not None else tuple(params)
-        unknown = [n for n in chosen if n not in params]
-        if unknown:
-            raise ValueError(f"unknown parameter names {unknown}; the model has {list(params)}")
-        return cls(model, {k: v.detach() for k, v in params.items()}, loss, chosen)
+        return cls(model, {k: v.detach() for k, v in params.items()}, loss, select_parameters(params, names))
 
     @property
     def size(self) -> int:

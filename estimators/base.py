@@ -49,6 +49,8 @@ class FitContext:
     seed: int
     checkpoints: tuple[Checkpoint, ...] = ()
     exact_hessian: Callable[[], Tensor] | None = None
+    #: The task's suggested parameter subset (e.g. the top layers); empty means all.
+    default_parameters: tuple[str, ...] = ()
 
     @property
     def n_train(self) -> int:
@@ -57,6 +59,10 @@ class FitContext:
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
+
+
+class NotApplicable(Exception):
+    """Raised by ``fit`` when an estimator cannot run on this task (recorded as not applicable)."""
 
 
 class Estimator(ABC):

@@ -17,7 +17,7 @@ from torch import Tensor
 from bench.registry import registered
 from bench.seeding import torch_generator
 from estimators.autodiff import FlatLoss, full_hessian, hvp_operator, per_example_grads
-from estimators.base import Estimator, FitContext
+from estimators.base import Estimator, FitContext, NotApplicable
 from estimators.solvers import SolverDivergedError, conjugate_gradient, lissa, top_eigenvalue
 from tasks.base import Split
 
@@ -27,7 +27,7 @@ class InverseHvpInfluence(Estimator):
 
     def fit(self, ctx: FitContext) -> None:
         self.ctx = ctx
-        names = self.config.parameters or None
+        names = self.config.parameters or ctx.default_parameters or None
         self.flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss, names)
         self.l2 = ctx.l2 + self.config.damping
         self._info: dict[str, float] = {"n_parameters": float(self.flat.size)}
@@ -58,6 +58,7 @@ class ExactConfig:
     damping: float = 0.0
     parameters: tuple[str, ...] = ()
     grad_chunk: int = 64
+    max_parameters: int = 12_000
 
 
 @registered("if-exact")
@@ -67,6 +68,9 @@ class ExactInfluence(InverseHvpInfluence):
     Config: ClassVar[type] = ExactConfig
 
     def prepare(self, ctx: FitContext) -> None:
+        if self.flat.size > self.config.max_parameters:
+            raise NotApplicable(f"{self.flat.size:,} parameters exceed max_parameters={self.config.max_parameters:,} "
+                                "for an explicit Hessian; restrict 'parameters' or use if-cg")
         use_fast_path = ctx.exact_hessian is not None and self.flat.names == tuple(ctx.params)
         hessian = ctx.exact_hessian() if use_fast_path else full_hessian(self.flat, ctx.train, ctx.l2)
         if self.config.damping:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bench.seeding import derive_seed
+
 Params = dict[str, Tensor]
 
 
@@ -74,6 +76,28 @@ class TrainedModel:
     diagnostics: dict[str, float] = field(default_factory=dict)
 
 
+RETRAIN_MODES = ("exact", "warm", "scratch")
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    """How to retrain: ``scratch`` (same recipe, seed and data order minus the removed
+    points), ``warm`` (from θ̂ for ``steps`` SGD steps at ``lr_factor`` × the recipe's
+    rate), or ``exact`` (convex tasks: to the unique optimum; seed and steps unused)."""
+
+    mode: str = "exact"
+    seed: int = 0
+    steps: int = 0
+    lr_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mode not in RETRAIN_MODES:
+            raise ValueError(f"unknown retrain mode {self.mode!r}. Valid modes: {', '.join(RETRAIN_MODES)}")
+
+
+EXACT = RetrainSpec()
+
+
 @dataclass
 class Retrained:
     """The parameters retrained without a set of points, with convergence diagnostics."""
@@ -93,6 +117,10 @@ class Task(ABC):
     Config: ClassVar[type]
     presets: ClassVar[dict[str, Any]]
     version: ClassVar[str] = "1"
+    #: Convex tasks retrain exactly (one unique optimum): no seeds, no noise ceiling.
+    convex: ClassVar[bool] = False
+    #: Parameters estimators restrict to by default (empty: all), e.g. the fine-tuned top layers.
+    influence_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, *, seed: int, device: torch.device | str = "cpu"):
         self.config = config
@@ -117,12 +145,17 @@ class Task(ABC):
         """Per-example loss ``[b]`` from model outputs ``[b, ...]`` and targets ``[b]``."""
 
     @abstractmethod
-    def train(self, data: TaskData) -> TrainedModel:
-        """Train the base model θ̂ on the whole training set."""
+    def train(self, data: TaskData, seed: int | None = None) -> TrainedModel:
+        """Train on the whole training set (``seed`` None: the task's own seed, giving θ̂)."""
 
     @abstractmethod
-    def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor]) -> list[Retrained]:
-        """Retrain once per entry of ``removals`` (training indices to drop)."""
+    def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
+                        spec: RetrainSpec = EXACT) -> list[Retrained]:
+        """Retrain once per entry of ``removals`` (training indices to drop; may be empty: a control run)."""
+
+    def replicate_seed(self, replicate: int) -> int:
+        """Training seed of ground-truth replicate ``replicate`` (0: the task's own seed, i.e. θ̂)."""
+        return self.seed if replicate == 0 else derive_seed(self.seed, "replicate", replicate)
 
     def exact_hessian(self, params: Params, data: TaskData) -> Tensor | None:
         """Optional fast path: the full Hessian ``[P, P]`` of J at ``params``, or None."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.solvers import conjugate_gradient
-from tasks.base import Params, Retrained, Split, Task, TaskData, TrainedModel
+from tasks.base import EXACT, Params, Retrained, RetrainSpec, Split, Task, TaskData, TrainedModel
 from tasks.datasets import load_mnist_5k
 
 
@@ -103,6 +103,7 @@ class LogRegTask(Task):
 
     Config: ClassVar[type] = LogRegConfig
     dtype: ClassVar[torch.dtype] = torch.float64
+    convex: ClassVar[bool] = True
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -149,7 +150,7 @@ class LogRegTask(Task):
         train = data.train
         return objective_grads(thetas, train.inputs, train.targets, weights, len(train), self.l2)
 
-    def train(self, data: TaskData) -> TrainedModel:
+    def train(self, data: TaskData, seed: int | None = None) -> TrainedModel:
         """L-BFGS from zero, then Newton steps until ‖∇J‖ ≤ grad_tol."""
         train, n_features, k = data.train, data.train.inputs.shape[1], self.n_classes(data)
         ones = torch.ones(1, len(train), dtype=self.dtype, device=self.device)
@@ -211,8 +212,9 @@ class LogRegTask(Task):
             f"{self.config.max_newton_steps} Newton steps (worst {float(norms.max()):.3g}); raise max_newton_steps"
         )
 
-    def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor]) -> list[Retrained]:
-        """Warm-started from θ̂ and run to ‖∇J‖ ≤ grad_tol (the optimum is unique)."""
+    def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
+                        spec: RetrainSpec = EXACT) -> list[Retrained]:
+        """Warm-started from θ̂ and run to ‖∇J‖ ≤ grad_tol whatever ``spec`` says: the optimum is unique."""
         results: list[Retrained] = []
         for start in range(0, len(removals), self.config.retrain_batch):
             chunk = removals[start : start + self.config.retrain_batch]

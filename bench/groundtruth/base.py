@@ -17,12 +17,16 @@ class GroundTruth:
 
     ``train_idx [R]`` names the removed training point of column j (the columns
     estimators are asked to score). Same sign convention as the estimators.
+    ``replicates`` give the noise ceiling: how well a ground truth that differs
+    only in retraining seed predicts this one.
     """
 
     protocol: str
     train_idx: np.ndarray
     actual: np.ndarray
     diagnostics: dict[str, float] = field(default_factory=dict)
+    #: ``[S, Q, R]`` the same effects under other retraining seeds (None: deterministic ground truth).
+    replicates: np.ndarray | None = None
 
 
 class Protocol(ABC):

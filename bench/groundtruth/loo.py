@@ -1,4 +1,18 @@
-"""Leave-one-out ground truth: remove one training point at a time and retrain."""
+"""Leave-one-out ground truth: remove one training point at a time and retrain.
+
+Three registered variants, named in results:
+
+- ``loo``: exact retraining to the unique optimum (convex tasks only);
+- ``loo-warm``: from θ̂ for ``warm_steps`` SGD steps without the point (Koh &
+  Liang's protocol for their CNN). Δ is measured against a control run of the
+  same steps and seed *with* the point, so drift from continued training cancels;
+- ``loo-scratch``: the full recipe from scratch with the same seed and data order
+  minus the point; Δ is measured against the base model of that seed.
+
+Non-convex variants repeat everything for ``seeds`` retraining seeds; seed 0
+is the one whose θ̂ estimators see, the others are replicates that give the
+noise ceiling (the metric between two ground truths differing only in seed).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +26,18 @@ from tqdm.auto import tqdm
 from bench.groundtruth.base import GroundTruth, Protocol
 from bench.registry import registered
 from bench.seeding import rng
-from tasks.base import Task, TaskData, TrainedModel
+from tasks.base import Params, RetrainSpec, Task, TaskData, TrainedModel
 
 
 @dataclass(frozen=True)
 class LooConfig:
-    """``n_removed`` training points, sampled uniformly with the protocol's seed; ``chunk`` retrains per call."""
+    """``n_removed`` points sampled with the protocol's seed; ``seeds`` retraining seeds (non-convex)."""
 
     n_removed: int = 100
     chunk: int = 25
+    seeds: int = 2
+    warm_steps: int = 100
+    warm_lr_factor: float = 0.1
 
 
 def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
@@ -30,31 +47,79 @@ def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
     return np.sort(rng(seed, "loo", "removals").choice(n_train, size=n_removed, replace=False))
 
 
-@registered("loo")
-class LeaveOneOut(Protocol):
-    """Retrain without each sampled point (the task's recipe: warm start or from scratch)."""
-
+class LeaveOneOutBase(Protocol):
     Config: ClassVar[type] = LooConfig
+    mode: ClassVar[str]
+
+    def check_task(self, task: Task) -> None:
+        """Raise ValueError if this variant cannot run on ``task``."""
+
+    def n_seeds(self, task: Task) -> int:
+        return 1 if task.convex else self.config.seeds
+
+    def reference(self, task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
+        """The parameters Δ is measured against for this seed."""
+        return base.params
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+        self.check_task(task)
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
-        model = task.build_model()
-        queries = data.queries
-        with torch.no_grad():
-            base_loss = task.per_example_loss(model, base.params, queries)
-        columns, grad_norms = [], []
-        bar = tqdm(total=len(removed), desc=f"loo retrains [{task.name}]", unit="retrain", disable=not progress, leave=False)
-        for start in range(0, len(removed), self.config.chunk):
-            chunk = removed[start : start + self.config.chunk]
-            for result in task.retrain_without(data, base, [torch.tensor([i]) for i in chunk]):
-                with torch.no_grad():
-                    columns.append((task.per_example_loss(model, result.params, queries) - base_loss).cpu().numpy())
-                grad_norms.append(result.diagnostics.get("grad_norm", float("nan")))
-            bar.update(len(chunk))
+        model, queries = task.build_model(), data.queries
+        n_seeds = self.n_seeds(task)
+        deltas = np.zeros((n_seeds, len(queries), len(removed)))
+        bar = tqdm(total=n_seeds * len(removed), desc=f"{self.name} retrains [{task.name}]", unit="retrain",
+                   disable=not progress, leave=False)
+        for s in range(n_seeds):
+            spec = RetrainSpec(self.mode, s, self.config.warm_steps, self.config.warm_lr_factor)
+            reference_params = self.reference(task, data, base, spec)  # may train: outside no_grad
+            with torch.no_grad():
+                reference = task.per_example_loss(model, reference_params, queries)
+            for start in range(0, len(removed), self.config.chunk):
+                chunk = removed[start : start + self.config.chunk]
+                for j, result in enumerate(task.retrain_without(data, base, [torch.tensor([i]) for i in chunk], spec)):
+                    with torch.no_grad():
+                        deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference).cpu()
+                    if "grad_norm" in result.diagnostics:
+                        self._grad_norm = max(getattr(self, "_grad_norm", 0.0), result.diagnostics["grad_norm"])
+                bar.update(len(chunk))
         bar.close()
-        return GroundTruth(
-            protocol=self.name,
-            train_idx=removed,
-            actual=np.stack(columns, axis=1).astype(np.float64),
-            diagnostics={"max_retrain_grad_norm": float(np.nanmax(grad_norms)) if grad_norms else float("nan")},
-        )
+        diagnostics = {"seeds": float(n_seeds)}
+        if hasattr(self, "_grad_norm"):
+            diagnostics["max_retrain_grad_norm"] = self._grad_norm
+        return GroundTruth(self.name, removed, deltas[0], diagnostics, deltas[1:] if n_seeds > 1 else None)
+
+
+@registered("loo")
+class LeaveOneOut(LeaveOneOutBase):
+    """Exact leave-one-out: retrain to the unique optimum (convex tasks)."""
+
+    mode: ClassVar[str] = "exact"
+
+    def check_task(self, task: Task) -> None:
+        if not task.convex:
+            raise ValueError(f"protocol 'loo' retrains exactly and needs a convex task; {task.name} is not: "
+                             "use 'loo-warm' or 'loo-scratch'")
+
+
+@registered("loo-warm")
+class LeaveOneOutWarm(LeaveOneOutBase):
+    """Warm-started from θ̂ for T SGD steps without the point, against a same-seed control."""
+
+    mode: ClassVar[str] = "warm"
+
+    def reference(self, task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
+        if task.convex:
+            return base.params
+        return task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
+
+
+@registered("loo-scratch")
+class LeaveOneOutScratch(LeaveOneOutBase):
+    """Retrained from scratch with the same seed and data order minus the point."""
+
+    mode: ClassVar[str] = "scratch"
+
+    def reference(self, task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
+        if task.convex or spec.seed == 0:
+            return base.params
+        return task.train(data, seed=task.replicate_seed(spec.seed)).params

@@ -1,0 +1,146 @@
+"""BERT tasks: fine-tune the top transformer layer and a fresh 2-class head.
+
+The frozen lower layers run once: their output for every sentence is cached
+as the task's input, so retraining costs only the top. Inputs are packed as
+``[n, T, H + 1]``: the hidden states entering the top layer, then the attention
+mask as a last channel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.registry import registered
+from tasks.base import TaskData
+from tasks.deep import SgdTask
+from tasks.resnet import recipe_of, seeded_splits
+from tasks.sgd import SgdRecipe
+from tasks.text_data import load_rt_snippets, minilm_path
+
+
+@cache
+def load_pretrained(path: str, num_labels: int = 2) -> tuple[object, nn.Module]:
+    """Tokenizer and ``AutoModelForSequenceClassification`` (eager attention: double backward works on CPU)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, attn_implementation="eager")
+    return tokenizer, model.eval()
+
+
+class BertTop(nn.Module):
+    """The top encoder layer, masked mean pooling and a linear head: ``[b, T, H+1]`` → logits ``[b, C]``."""
+
+    def __init__(self, layer: nn.Module, hidden: int, n_classes: int):
+        super().__init__()
+        self.layer = layer
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        hidden, mask = packed[..., :-1], packed[..., -1]
+        additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
+        out = self.layer(hidden, attention_mask=additive)
+        out = out[0] if isinstance(out, tuple) else out
+        pooled = (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        return self.classifier(pooled)
+
+
+@torch.no_grad()
+def frozen_features(tokenizer: object, model: nn.Module, texts: list[str], max_length: int, trainable_layers: int,
+                    batch_size: int = 256) -> Tensor:
+    """Hidden states entering the first trainable layer, with the mask packed last: ``[n, T, H+1]``."""
+    bert = model.bert
+    n_frozen = len(bert.encoder.layer) - trainable_layers
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        hidden = bert(**enc, output_hidden_states=True).hidden_states[n_frozen]
+        chunks.append(torch.cat([hidden, enc["attention_mask"][..., None].to(hidden.dtype)], dim=-1))
+    return torch.cat(chunks)
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """Sizes, tokenisation, and the SGD recipe's fields (top layer + head are trained)."""
+
+    n_train: int = 3000
+    n_test: int = 500
+    n_queries: int = 100
+    max_length: int = 40
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.03
+    momentum: float = 0.9
+    l2: float = 1e-4
+    n_checkpoints: int = 3
+
+
+class BertTask(SgdTask):
+    """Shared logic; subclasses give the texts, labels and checkpoint folder."""
+
+    Config: ClassVar[type] = BertConfig
+    influence_parameters: ClassVar[tuple[str, ...]] = ("classifier",)
+    trainable_layers: ClassVar[int] = 1
+
+    @property
+    def recipe(self) -> SgdRecipe:
+        return recipe_of(self.config)
+
+    def checkpoint_path(self) -> Path:
+        raise NotImplementedError
+
+    def texts_and_labels(self) -> tuple[list[str], np.ndarray]:
+        raise NotImplementedError
+
+    def make_model(self) -> nn.Module:
+        _, pretrained = load_pretrained(str(self.checkpoint_path()))
+        layer = pretrained.bert.encoder.layer[-1]
+        top = BertTop(type(layer)(pretrained.config), pretrained.config.hidden_size, 2)
+        top.layer.load_state_dict(layer.state_dict())  # pretrained top layer; the head is freshly initialised
+        return top.eval()
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def load_data(self) -> TaskData:
+        texts, labels = self.texts_and_labels()
+        cfg = self.config
+        if cfg.n_train + cfg.n_test > len(labels):
+            raise ValueError(f"{self.name}: n_train + n_test = {cfg.n_train + cfg.n_test} exceeds {len(labels)} sentences")
+        # features only for the sentences used: pick them with the same seeded split first
+        from bench.seeding import rng
+
+        chosen = rng(self.seed, self.name, "subset").permutation(len(labels))[: cfg.n_train + cfg.n_test]
+        tokenizer, model = load_pretrained(str(self.checkpoint_path()))
+        features = frozen_features(tokenizer, model, [texts[i] for i in chosen], cfg.max_length, self.trainable_layers)
+        return seeded_splits(self, features, torch.as_tensor(labels[chosen]), cfg.n_train, cfg.n_test, cfg.n_queries)
+
+
+@registered("rt-bert")
+class RtBert(BertTask):
+    """Pretrained 6-layer BERT (all-MiniLM-L6-v2) on 12,808 real Rotten Tomatoes snippets: top layer + head tuned."""
+
+    presets: ClassVar[dict[str, BertConfig]] = {
+        "smoke": BertConfig(n_train=300, n_test=100, n_queries=10, max_length=12, epochs=2),
+        "default": BertConfig(),
+    }
+    version: ClassVar[str] = "1"
+
+    def checkpoint_path(self) -> Path:
+        return minilm_path()
+
+    def texts_and_labels(self) -> tuple[list[str], np.ndarray]:
+        return load_rt_snippets()

