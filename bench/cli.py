@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch CPU threads (recorded; results depend on it)")
     run.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                      help="import estimators from a module or .py file (repeatable)")
+    run.add_argument("--data-dir", type=Path, help="where network datasets (CIFAR-10, SST-2) live or are downloaded to")
     run.add_argument("--retry-failed", action="store_true", help="re-run cells that failed before")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -60,6 +63,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.leaderboard import write_leaderboard
     from bench.runner import Runner, plan_suite
 
+    if args.data_dir:
+        os.environ["IFBENCH_DATA_DIR"] = str(args.data_dir)
     suite = load_suite(args.suite)
     suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
                            estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads)
@@ -115,6 +120,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch's forward-mode AD loads jit decompositions on first use and warns about its own jit.script
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check-estimator": _cmd_check}

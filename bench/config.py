@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 C = TypeVar("C")
 
-BUILTIN_SUITES = ("smoke", "default")
+BUILTIN_SUITES = ("smoke", "default", "full")
 DEVICES = ("cpu", "cuda")
 
 

@@ -8,7 +8,6 @@ mask as a last channel.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -20,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.registry import registered
-from tasks.base import TaskData
+from bench.seeding import rng
+from tasks.base import Split, TaskData
+from tasks.datasets import DatasetNotFoundError
 from tasks.deep import SgdTask
 from tasks.resnet import recipe_of, seeded_splits
 from tasks.sgd import SgdRecipe
@@ -29,14 +30,20 @@ from tasks.text_data import load_rt_snippets, minilm_path
 
 @cache
 def load_pretrained(path: str, num_labels: int = 2) -> tuple[object, nn.Module]:
-    """Tokenizer and ``AutoModelForSequenceClassification`` (eager attention: double backward works on CPU)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Tokenizer and ``AutoModelForSequenceClassification`` from a folder or hub name (eager attention:
+    double-backward Hessian-vector products work on CPU)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, attn_implementation="eager")
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, attn_implementation="eager")
+    except OSError as err:
+        raise DatasetNotFoundError(
+            f"cannot load BERT checkpoint {path!r}: {str(err).splitlines()[0]} It must be a local folder with "
+            "config, weights and tokenizer files, or a Hugging Face hub name reachable from this machine") from err
     return tokenizer, model.eval()
 
 
@@ -99,7 +106,8 @@ class BertTask(SgdTask):
     def recipe(self) -> SgdRecipe:
         return recipe_of(self.config)
 
-    def checkpoint_path(self) -> Path:
+    def checkpoint_path(self) -> Path | str:
+        """A local folder or a Hugging Face hub name."""
         raise NotImplementedError
 
     def texts_and_labels(self) -> tuple[list[str], np.ndarray]:
@@ -120,13 +128,20 @@ class BertTask(SgdTask):
         cfg = self.config
         if cfg.n_train + cfg.n_test > len(labels):
             raise ValueError(f"{self.name}: n_train + n_test = {cfg.n_train + cfg.n_test} exceeds {len(labels)} sentences")
-        # features only for the sentences used: pick them with the same seeded split first
-        from bench.seeding import rng
-
         chosen = rng(self.seed, self.name, "subset").permutation(len(labels))[: cfg.n_train + cfg.n_test]
+        return self.encode([texts[i] for i in chosen], labels[chosen], cfg.n_train, cfg.n_test)
+
+    def encode(self, texts: list[str], labels: np.ndarray, n_train: int, n_test: int, keep_order: bool = False) -> TaskData:
+        """Frozen features of ``texts``; the first ``n_train`` train when ``keep_order``, else a seeded split."""
         tokenizer, model = load_pretrained(str(self.checkpoint_path()))
-        features = frozen_features(tokenizer, model, [texts[i] for i in chosen], cfg.max_length, self.trainable_layers)
-        return seeded_splits(self, features, torch.as_tensor(labels[chosen]), cfg.n_train, cfg.n_test, cfg.n_queries)
+        features = frozen_features(tokenizer, model, texts, self.config.max_length, self.trainable_layers)
+        targets = torch.as_tensor(labels)
+        if not keep_order:
+            return seeded_splits(self, features, targets, n_train, n_test, self.config.n_queries)
+        queries = rng(self.seed, self.name, "queries").choice(n_test, self.config.n_queries, replace=False)
+        return TaskData(Split(features[:n_train], targets[:n_train]).to(self.device),
+                        Split(features[n_train:], targets[n_train:]).to(self.device),
+                        torch.as_tensor(np.sort(queries), device=self.device))
 
 
 @registered("rt-bert")

@@ -1,0 +1,193 @@
+"""Deep tasks: real loaders, deterministic SGD, exclusion of removed points, noise ceiling."""
+
+import json
+import pickle
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cli import main
+from tasks.base import RetrainSpec
+from tasks.datasets import DatasetNotFoundError
+from tasks.network_data import load_cifar10, load_sst2
+from tasks.network_tasks import Cifar10ResNet, CifarConfig, Sst2Bert, Sst2Config
+from tasks.resnet import MnistResNet, ResNetConfig
+from tasks.sgd import SgdRecipe, epoch_order, run_sgd
+from tasks.text_data import load_rt_snippets
+
+TINY_RESNET = ResNetConfig(n_train=120, n_test=40, n_queries=5, image_size=14, width=4, epochs=2, batch_size=32)
+
+
+def test_rt_loader_counts_and_balance():
+    texts, labels = load_rt_snippets()
+    assert len(texts) == len(labels) == 12_808
+    assert int(labels.sum()) == 7_403 and int((labels == 0).sum()) == 5_405
+    assert all(isinstance(t, str) and t for t in texts[:100])
+
+
+def test_same_seed_gives_bit_identical_training():
+    torch.set_num_threads(2)
+    task = MnistResNet(TINY_RESNET, seed=0)
+    data = task.load_data()
+    first, second = task.train(data), task.train(data)
+    assert all(torch.equal(first.params[k], second.params[k]) for k in first.params)
+    other = task.train(data, seed=1)
+    assert not torch.equal(first.params["fc.weight"], other.params["fc.weight"])
+
+
+def test_checkpoints_carry_the_learning_rate_in_force():
+    task = MnistResNet(TINY_RESNET, seed=0)
+    base = task.train(task.load_data())
+    assert len(base.checkpoints) == TINY_RESNET.n_checkpoints
+    rates = [c.learning_rate for c in base.checkpoints]
+    assert rates == sorted(rates, reverse=True) and rates[0] < TINY_RESNET.lr  # cosine decay
+    assert [c.step for c in base.checkpoints] == sorted({c.step for c in base.checkpoints})
+
+
+def test_retraining_without_a_point_excludes_exactly_that_point():
+    recipe = SgdRecipe(epochs=3, batch_size=7, lr=0.01, n_checkpoints=1)
+    n, removed = 50, 17
+    model = torch.nn.Linear(3, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    split = type("S", (), {})()
+    from tasks.base import Split
+
+    split = Split(torch.randn(n, 3), torch.randint(0, 2, (n,)))
+    loss = torch.nn.functional.cross_entropy
+
+    def visits(exclude):
+        seen = []
+        run_sgd(model, params, split, lambda o, t: loss(o, t, reduction="none"), recipe, seed=3, exclude=exclude,
+                on_batch=lambda batch: seen.append(batch.clone()))
+        return torch.cat(seen)
+
+    full, without = visits(None), visits(torch.tensor([removed]))
+    assert (without == removed).sum() == 0
+    assert len(without) == recipe.epochs * (n - 1)
+    for epoch in range(recipe.epochs):  # every other point once per epoch, in the same order
+        chunk = without[epoch * (n - 1) : (epoch + 1) * (n - 1)]
+        assert sorted(chunk.tolist()) == [i for i in range(n) if i != removed]
+        reference = full[epoch * n : (epoch + 1) * n]
+        assert torch.equal(chunk, reference[reference != removed])
+    assert torch.equal(epoch_order(n, 3, 0, None), full[:n])
+
+
+def test_warm_retrain_with_nothing_removed_is_the_control():
+    task = MnistResNet(TINY_RESNET, seed=0)
+    data = task.load_data()
+    base = task.train(data)
+    spec = RetrainSpec("warm", 0, 5, 0.1)
+    control = task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
+    again = task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
+    removed = task.retrain_without(data, base, [torch.tensor([0])], spec)[0].params
+    assert all(torch.equal(control[k], again[k]) for k in control)
+    assert not all(torch.equal(control[k], removed[k]) for k in control)
+
+
+def write_cifar(root, per_batch=30):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": generator.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": list(generator.integers(0, 10, per_batch)), b"batch_label": name.encode()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+def test_cifar_loader_reads_the_real_format(tmp_path):
+    write_cifar(tmp_path)
+    parts = load_cifar10(str(tmp_path))
+    assert parts["train"][0].shape == (150, 3, 32, 32) and parts["test"][0].shape == (30, 3, 32, 32)
+    assert parts["train"][1].dtype == np.int64
+    config = CifarConfig(n_train=40, n_test=20, n_queries=4, data_dir=str(tmp_path), epochs=1, batch_size=20)
+    task = Cifar10ResNet(config, seed=0)
+    base = task.train(task.load_data())
+    assert 0.0 <= base.diagnostics["test_accuracy"] <= 1.0
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="download"):
+        load_cifar10(str(tmp_path))
+
+
+def write_sst2_and_tiny_bert(root):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["good", "bad", "movie", "great", "awful", "fun", "dull", "plot", "acting"]
+    (root / "SST-2").mkdir()
+    generator = np.random.default_rng(0)
+    for name, n in (("train.tsv", 40), ("dev.tsv", 16)):
+        rows = ["sentence\tlabel"] + [f"{' '.join(generator.choice(words, 4))} \t{i % 2}" for i in range(n)]
+        (root / "SST-2" / name).write_text("\n".join(rows) + "\n")
+    model_dir = root / "tiny-bert"
+    vocab = model_dir / "vocab.txt"
+    model_dir.mkdir()
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    config = BertConfig(vocab_size=14, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_sst2_loader_and_hub_style_checkpoint(tmp_path):
+    model_dir = write_sst2_and_tiny_bert(tmp_path)
+    parts = load_sst2(str(tmp_path))
+    assert len(parts["train"][0]) == 40 and len(parts["test"][0]) == 16 and set(parts["train"][1]) == {0, 1}
+    config = Sst2Config(checkpoint=str(model_dir), data_dir=str(tmp_path), n_train=24, n_test=12, n_queries=4,
+                        max_length=8, epochs=1, batch_size=8)
+    task = Sst2Bert(config, seed=0)
+    data = task.load_data()
+    assert data.train.inputs.shape == (24, 8, 17)  # hidden 16 + the packed attention mask
+    assert 0.0 <= task.train(data).diagnostics["test_accuracy"] <= 1.0
+
+
+def test_missing_sst2_and_unknown_checkpoint_are_clear(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="SST-2"):
+        load_sst2(str(tmp_path))
+    write_sst2_and_tiny_bert(tmp_path)
+    task = Sst2Bert(Sst2Config(checkpoint=str(tmp_path / "nowhere"), data_dir=str(tmp_path), n_train=8, n_test=4,
+                               n_queries=2), seed=0)
+    with pytest.raises(DatasetNotFoundError, match="cannot load BERT checkpoint"):
+        task.load_data()
+
+
+def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path):
+    suite = tmp_path / "s.toml"
+    suite.write_text(textwrap.dedent("""
+        name = "tiny"
+        threads = 2
+        bootstrap_resamples = 50
+        estimators = ["if-exact", "random"]
+        [[tasks]]
+        name = "mnist-resnet"
+        n_train = 120
+        n_test = 40
+        n_queries = 5
+        width = 4
+        epochs = 2
+        batch_size = 32
+        [[protocols]]
+        name = "loo-warm"
+        n_removed = 4
+        seeds = 2
+        warm_steps = 3
+        [[protocols]]
+        name = "loo-scratch"
+        n_removed = 2
+        seeds = 2
+        [[protocols]]
+        name = "loo"
+    """))
+    results = tmp_path / "r"
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    by = {(r["protocol"], r["estimator"]): r for r in records}
+    for protocol in ("loo-warm", "loo-scratch"):
+        record = by[protocol, "if-exact"]
+        assert record["status"] == "ok" and record["groundtruth_diagnostics"]["seeds"] == 2
+        assert -1 <= record["groundtruth_diagnostics"]["ceiling_pearson"] <= 1
+    assert by["loo", "if-exact"]["status"] == "failed" and "needs a convex task" in by["loo", "if-exact"]["error"]
+    assert "*noise ceiling*" in (results / "leaderboard.md").read_text()
