@@ -30,7 +30,7 @@ from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
 from estimators.base import SINGLE, Estimator, FitContext, NotApplicable
-from tasks.base import Task, TaskData, TrainedModel
+from tasks.base import HeadView, Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +222,24 @@ class Runner:
 
     # -- cell level ----------------------------------------------------------
     def _fit(self, est: PlannedComponent, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
-             fitted: dict[str, Any]) -> tuple[Estimator | None, Any, str | None]:
+             fitted: dict[str, Any]) -> tuple[Estimator | None, Any, str | None, Any]:
         if est.name in fitted:
             return fitted[est.name]
-        estimator, error = None, None
-        ctx = FitContext(
-            model=task.build_model(), params=base.params, loss=task.loss, l2=task.l2, train=data.train,
-            seed=derive_seed(self.suite.seed, "estimator", est.name, planned.spec.name),
-            checkpoints=base.checkpoints, exact_hessian=lambda: task.exact_hessian(base.params, data),
-            default_parameters=task.influence_parameters,
-        )
+        estimator, error, queries = None, None, data.queries
+        seed = derive_seed(self.suite.seed, "estimator", est.name, planned.spec.name)
         with profiled(self.device) as prof:
             try:
+                view = self._head_view(task, base, est)
+                if view is None:
+                    ctx = FitContext(
+                        model=task.build_model(), params=base.params, loss=task.loss, l2=task.l2, train=data.train,
+                        seed=seed, checkpoints=base.checkpoints, exact_hessian=lambda: task.exact_hessian(base.params, data),
+                        default_parameters=task.influence_parameters,
+                    )
+                else:  # same influence on the head's parameters, over features computed once
+                    ctx = FitContext(model=view.module, params=view.params, loss=task.loss, l2=task.l2,
+                                     train=view.split(data.train), seed=seed)
+                    queries = view.split(data.queries)
                 estimator = est.cls(est.config)
                 estimator.fit(ctx)
             except NotApplicable as err:
@@ -241,8 +247,16 @@ class Runner:
             except Exception as err:  # a crashing estimator becomes a failed cell
                 error = _describe(err)
                 estimator = None
-        fitted[est.name] = (estimator, prof, error)
+        fitted[est.name] = (estimator, prof, error, queries)
         return fitted[est.name]
+
+    @staticmethod
+    def _head_view(task: Task, base: TrainedModel, est: PlannedComponent) -> HeadView | None:
+        """The task's head view, if this estimator may use it (θ̂ only, default parameter subset)."""
+        if not est.cls.uses_head_view or getattr(est.config, "parameters", ()):
+            return None
+        view = task.head_view(base.params)
+        return view if view is not None and task.influence_parameters == (view.prefix,) else None
 
     def _run_cell(self, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
                   protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth | str,
@@ -267,7 +281,7 @@ class Runner:
         if SINGLE not in est.cls.capabilities:
             record.update(status=NOT_APPLICABLE, error=f"{est.name} does not provide single-point scores")
             return record
-        estimator, fit_prof, error = self._fit(est, task, data, base, planned, fitted)
+        estimator, fit_prof, error, queries = self._fit(est, task, data, base, planned, fitted)
         profile = {"fit_s": fit_prof.seconds, "fit_peak_mem_mb": fit_prof.peak_rss_mb, "fit_peak_cuda_mb": fit_prof.peak_cuda_mb}
         record["profile"] = profile
         if estimator is None:
@@ -279,7 +293,7 @@ class Runner:
         train_idx = torch.as_tensor(truth.train_idx, dtype=torch.long, device=self.device)
         with profiled(self.device) as prof:
             try:
-                scores = estimator.score(data.queries, train_idx)
+                scores = estimator.score(queries, train_idx)
             except Exception as err:
                 scores, error = None, _describe(err)
         profile.update(score_s=prof.seconds, score_peak_mem_mb=prof.peak_rss_mb, score_peak_cuda_mb=prof.peak_cuda_mb,

@@ -73,6 +73,9 @@ class Estimator(ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset({SINGLE})
     #: Baselines (random, ...) are not expected to agree with ground truth.
     is_baseline: ClassVar[bool] = False
+    #: True if the estimator only needs θ̂ (no checkpoints) and may run on the task's head view
+    #: (frozen features + head) when it is restricted to the head's parameters.
+    uses_head_view: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

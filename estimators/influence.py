@@ -25,6 +25,8 @@ from tasks.base import Split
 class InverseHvpInfluence(Estimator):
     """Shared scoring: scores[q, j] = g_qᵀ H⁻¹ g_{z_j} / n. Subclasses supply ``inverse_hvp``."""
 
+    uses_head_view: ClassVar[bool] = True
+
     def fit(self, ctx: FitContext) -> None:
         self.ctx = ctx
         names = self.config.parameters or ctx.default_parameters or None

@@ -10,7 +10,7 @@ Hessian estimators must invert is ``H = (1/n) Σ ∇²ℓ_i + l2·I``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -74,6 +74,45 @@ class TrainedModel:
     params: Params
     checkpoints: tuple[Checkpoint, ...] = ()
     diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeadView:
+    """The model seen from its head: ``features(inputs)`` is computed once (no gradient), and
+    ``module`` with ``params`` maps features to outputs. Influence restricted to the head's
+    parameters is identical on this view and on the whole model, and far cheaper."""
+
+    module: nn.Module
+    params: Params
+    prefix: str
+    features: Callable[[Tensor], Tensor]
+
+    def split(self, split: Split, chunk: int = 512) -> Split:
+        with torch.no_grad():
+            parts = [self.features(split.inputs[i : i + chunk]) for i in range(0, len(split), chunk)]
+        return Split(torch.cat(parts), split.targets)
+
+
+class FeaturesOf(nn.Module):
+    """Wraps a model so ``functional_call`` can run its ``features`` method with given parameters."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model.features(inputs)
+
+
+def head_view_of(model: nn.Module, params: Params, head: str) -> HeadView | None:
+    """A HeadView for a model with a ``features(inputs)`` method feeding its submodule ``head``."""
+    if not hasattr(model, "features"):
+        return None
+    wrapper = FeaturesOf(model)
+    trunk = {f"model.{name}": value for name, value in params.items()}
+    head_params = {k.removeprefix(f"{head}."): v for k, v in params.items() if k.startswith(f"{head}.")}
+    return HeadView(model.get_submodule(head), head_params, head,
+                    lambda inputs: functional_call(wrapper, trunk, (inputs,)))
 
 
 RETRAIN_MODES = ("exact", "warm", "scratch")
@@ -156,6 +195,10 @@ class Task(ABC):
     def replicate_seed(self, replicate: int) -> int:
         """Training seed of ground-truth replicate ``replicate`` (0: the task's own seed, i.e. θ̂)."""
         return self.seed if replicate == 0 else derive_seed(self.seed, "replicate", replicate)
+
+    def head_view(self, params: Params) -> HeadView | None:
+        """Optional: the head that ``influence_parameters`` names, over frozen features (see HeadView)."""
+        return None
 
     def exact_hessian(self, params: Params, data: TaskData) -> Tensor | None:
         """Optional fast path: the full Hessian ``[P, P]`` of J at ``params``, or None."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from bench.registry import registered
 from bench.seeding import rng
-from tasks.base import Split, TaskData
+from tasks.base import HeadView, Params, Split, TaskData, head_view_of
 from tasks.datasets import DatasetNotFoundError
 from tasks.deep import SgdTask
 from tasks.resnet import recipe_of, seeded_splits
@@ -55,13 +55,16 @@ class BertTop(nn.Module):
         self.layer = layer
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def forward(self, packed: Tensor) -> Tensor:
+    def features(self, packed: Tensor) -> Tensor:
+        """Masked mean of the top layer's output: ``[b, H]`` (the classifier's input)."""
         hidden, mask = packed[..., :-1], packed[..., -1]
         additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
         out = self.layer(hidden, attention_mask=additive)
         out = out[0] if isinstance(out, tuple) else out
-        pooled = (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-        return self.classifier(pooled)
+        return (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        return self.classifier(self.features(packed))
 
 
 @torch.no_grad()
@@ -122,6 +125,9 @@ class BertTask(SgdTask):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def head_view(self, params: Params) -> HeadView | None:
+        return head_view_of(self.build_model(), params, "classifier")
 
     def load_data(self) -> TaskData:
         texts, labels = self.texts_and_labels()

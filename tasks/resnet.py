@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock
 
 from bench.registry import registered
 from bench.seeding import rng
-from tasks.base import Split, TaskData
+from tasks.base import HeadView, Params, Split, TaskData, head_view_of
 from tasks.datasets import load_mnist_5k
 from tasks.deep import SgdTask
 from tasks.sgd import SgdRecipe
@@ -46,10 +46,13 @@ class SmallResNet(nn.Module):
                                  norm_layer=group_norm)
         self.fc = nn.Linear(4 * width, n_classes)
 
+    def features(self, images: Tensor) -> Tensor:
+        """Globally pooled last-block features ``[b, 4w]`` (the fc layer's input)."""
+        return self.layer3(self.layer2(self.layer1(self.stem(images)))).mean(dim=(2, 3))
+
     def forward(self, images: Tensor) -> Tensor:
         """``images [b, c, h, w]`` → logits ``[b, n_classes]``."""
-        features = self.layer3(self.layer2(self.layer1(self.stem(images))))
-        return self.fc(features.mean(dim=(2, 3)))
+        return self.fc(self.features(images))
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class ResNetTask(SgdTask):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def head_view(self, params: Params) -> HeadView | None:
+        return head_view_of(self.build_model(), params, "fc")
 
 
 @registered("mnist-resnet")

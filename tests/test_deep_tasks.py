@@ -191,3 +191,24 @@ def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path):
         assert -1 <= record["groundtruth_diagnostics"]["ceiling_pearson"] <= 1
     assert by["loo", "if-exact"]["status"] == "failed" and "needs a convex task" in by["loo", "if-exact"]["error"]
     assert "*noise ceiling*" in (results / "leaderboard.md").read_text()
+
+
+@pytest.mark.parametrize("estimator", ["if-exact", "if-cg"])
+def test_head_view_gives_the_same_influence_as_the_whole_model(estimator):
+    from bench.catalog import default_registries
+    from estimators.base import FitContext
+
+    task = MnistResNet(TINY_RESNET, seed=0)
+    data = task.load_data()
+    base = task.train(data)
+    cls = default_registries().estimators.get(estimator)
+    idx = torch.arange(0, 120, 9)
+    whole = cls()
+    whole.fit(FitContext(task.build_model(), base.params, task.loss, task.l2, data.train, 0,
+                         default_parameters=("fc",)))
+    view = task.head_view(base.params)
+    assert view is not None and view.prefix == "fc" and set(view.params) == {"weight", "bias"}
+    head = cls()
+    head.fit(FitContext(view.module, view.params, task.loss, task.l2, view.split(data.train), 0))
+    torch.testing.assert_close(head.score(view.split(data.queries), idx), whole.score(data.queries, idx),
+                               rtol=1e-3, atol=1e-6)
