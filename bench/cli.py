@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--results", type=Path, required=True)
     board.add_argument("--out", type=Path, required=True, help="markdown file to write (figures go beside it)")
     board.add_argument("--no-figures", action="store_true")
+    board.add_argument("--records", action="store_true",
+                       help="also write the records shown (latest per cell) as records.jsonl beside --out")
 
     check = sub.add_parser("check-estimator", help="conformance check of an estimator on a tiny exact problem")
     check.add_argument("name")
@@ -102,6 +104,14 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     if not (args.results / "records.jsonl").exists():
         raise ConfigError(f"no results in {args.results} (records.jsonl is missing): run `ifbench run` first")
     out = write_leaderboard(args.results, args.out, with_figures=not args.no_figures)
+    if args.records:
+        import json
+
+        from bench.leaderboard import select_latest
+        from bench.store import ResultsStore
+
+        shown = select_latest(ResultsStore(args.results).records())
+        (out.parent / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in shown))
     print(f"ifbench: wrote {out}", file=sys.stderr)
     return 0
 

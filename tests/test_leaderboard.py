@@ -47,3 +47,15 @@ def test_cli_writes_leaderboard_with_figure(tmp_path, toy):
 def test_leaderboard_without_results_is_a_clear_error(tmp_path, capsys):
     assert main(["leaderboard", "--results", str(tmp_path), "--out", str(tmp_path / "x.md")]) == 2
     assert "run `ifbench run` first" in capsys.readouterr().err
+
+
+def test_cli_publishes_only_the_records_shown(tmp_path):
+    import json
+
+    results = tmp_path / "results"
+    shutil.copytree(GOLDEN, results, ignore=shutil.ignore_patterns("*.md"))
+    out = tmp_path / "board" / "README.md"
+    assert main(["leaderboard", "--results", str(results), "--out", str(out), "--no-figures", "--records"]) == 0
+    published = [json.loads(line) for line in (out.parent / "records.jsonl").read_text().splitlines()]
+    assert len(published) == 5  # six records, two of them for one cell
+    assert [r["metrics"]["pearson"] for r in published if r["estimator"] == "random"] == [0.02]
