@@ -111,7 +111,8 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
         low, high = gt.get("ceiling_pearson_ci") or [None, None]
         lines.append(
             f"| – | *noise ceiling* | {_num(gt['ceiling_pearson'])} ({_num(low)} – {_num(high)}) | "
-            f"{_num(gt.get('ceiling_spearman'))} | {_num(gt.get('ceiling_kendall'))} | {_num(gt.get('ceiling_top_k_overlap'))}"
+            f"{_num(gt.get('ceiling_spearman'))} | {_num(gt.get('ceiling_kendall'))} | "
+            f"{_num(gt.get('ceiling_top_k_overlap') if (head.get('n_columns') or top_k + 1) > top_k else None)}"
             " | | | |"
         )
     rank = 0
@@ -119,7 +120,9 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
         profile = record.get("profile") or {}
         if record.get("status") == "ok":
             rank += 1
-            m = record.get("metrics", {})
+            m = dict(record.get("metrics", {}))
+            if (record.get("n_columns") or top_k + 1) <= top_k:
+                m["top_k_overlap"] = None  # trivially 1: every column is in the top k
             peak = profile.get("peak_cuda_mb") or profile.get("peak_mem_mb")
             lines.append(
                 f"| {rank} | `{record['estimator']}` | {_with_ci(record, 'pearson')} | {_num(m.get('spearman'))} | "

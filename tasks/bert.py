@@ -83,8 +83,8 @@ def frozen_features(tokenizer: object, model: nn.Module, texts: list[str], max_l
 
 
 @dataclass(frozen=True)
-class BertConfig:
-    """Sizes, tokenisation, and the SGD recipe's fields (top layer + head are trained)."""
+class BertConfig(SgdRecipe):
+    """Sizes and tokenisation; the SGD recipe's fields are inherited (top layer + head are trained)."""
 
     n_train: int = 3000
     n_test: int = 500
@@ -93,7 +93,6 @@ class BertConfig:
     epochs: int = 3
     batch_size: int = 32
     lr: float = 0.03
-    momentum: float = 0.9
     l2: float = 1e-4
     n_checkpoints: int = 3
 

@@ -17,6 +17,7 @@ from tasks.base import Split, TaskData
 from tasks.bert import BertConfig, BertTask
 from tasks.network_data import load_cifar10, load_sst2
 from tasks.resnet import ResNetTask
+from tasks.sgd import SgdRecipe
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -31,7 +32,9 @@ def cifar_resnet18(n_classes: int = 10) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class CifarConfig:
+class CifarConfig(SgdRecipe):
+    """Subset sizes and where the data lives; the SGD recipe's fields are inherited."""
+
     n_train: int = 10_000
     n_test: int = 2000
     n_queries: int = 100
@@ -40,8 +43,6 @@ class CifarConfig:
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1
-    momentum: float = 0.9
-    l2: float = 5e-4
     n_checkpoints: int = 5
 
 

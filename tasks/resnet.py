@@ -56,8 +56,8 @@ class SmallResNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class ResNetConfig:
-    """Data sizes, input resolution (area-downsampled), width, and the SGD recipe's fields."""
+class ResNetConfig(SgdRecipe):
+    """Data sizes, input resolution (area-downsampled), width; the SGD recipe's fields are inherited."""
 
     n_train: int = 4000
     n_test: int = 1000
@@ -65,14 +65,10 @@ class ResNetConfig:
     image_size: int = 14
     width: int = 8
     epochs: int = 6
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    l2: float = 5e-4
-    n_checkpoints: int = 4
 
 
-def recipe_of(config: object) -> SgdRecipe:
+def recipe_of(config: SgdRecipe) -> SgdRecipe:
+    """The recipe part of a task config (configs extend :class:`SgdRecipe`)."""
     return SgdRecipe(**{f.name: getattr(config, f.name) for f in fields(SgdRecipe)})
 
 

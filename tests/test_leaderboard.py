@@ -59,3 +59,9 @@ def test_cli_publishes_only_the_records_shown(tmp_path):
     published = [json.loads(line) for line in (out.parent / "records.jsonl").read_text().splitlines()]
     assert len(published) == 5  # six records, two of them for one cell
     assert [r["metrics"]["pearson"] for r in published if r["estimator"] == "random"] == [0.02]
+
+
+def test_top_k_overlap_is_hidden_when_trivial():
+    records = [dict(r, n_columns=4) for r in ResultsStore(GOLDEN).records()]
+    rows = [line for line in render_markdown(records).splitlines() if line.startswith("| 1 |")]
+    assert rows and all(row.split("|")[6].strip() == "–" for row in rows)
