@@ -8,6 +8,7 @@ Each query's ``s_test = H⁻¹ g_q`` is solved once, then dotted with every ``g_
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -153,7 +154,7 @@ class LissaInfluence(InverseHvpInfluence):
             self.scale, self.auto = 1.25 * top, True
         self._info["top_eigenvalue_scale"] = self.scale
 
-    def _batch_matvec(self) -> callable:
+    def _batch_matvec(self) -> Callable[[Tensor, int], Tensor]:
         generator = torch_generator(self.ctx.seed, "lissa-batches")
         n, size = self.ctx.n_train, min(self.config.batch_size, self.ctx.n_train)
 

@@ -151,7 +151,7 @@ class LogRegTask(Task):
         return objective_grads(thetas, train.inputs, train.targets, weights, len(train), self.l2)
 
     def train(self, data: TaskData, seed: int | None = None) -> TrainedModel:
-        """L-BFGS from zero, then Newton steps until ‖∇J‖ ≤ grad_tol."""
+        """L-BFGS from zero, then Newton steps until ‖∇J‖ ≤ grad_tol (``seed`` is unused: the optimum is unique)."""
         train, n_features, k = data.train, data.train.inputs.shape[1], self.n_classes(data)
         ones = torch.ones(1, len(train), dtype=self.dtype, device=self.device)
 

@@ -51,7 +51,6 @@ def test_retraining_without_a_point_excludes_exactly_that_point():
     n, removed = 50, 17
     model = torch.nn.Linear(3, 2)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    split = type("S", (), {})()
     from tasks.base import Split
 
     split = Split(torch.randn(n, 3), torch.randint(0, 2, (n,)))

@@ -67,6 +67,7 @@ class LeaveOneOutBase(Protocol):
         model, queries = task.build_model(), data.queries
         n_seeds = self.n_seeds(task)
         deltas = np.zeros((n_seeds, len(queries), len(removed)))
+        grad_norms: list[float] = []
         bar = tqdm(total=n_seeds * len(removed), desc=f"{self.name} retrains [{task.name}]", unit="retrain",
                    disable=not progress, leave=False)
         for s in range(n_seeds):
@@ -80,12 +81,12 @@ class LeaveOneOutBase(Protocol):
                     with torch.no_grad():
                         deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference).cpu()
                     if "grad_norm" in result.diagnostics:
-                        self._grad_norm = max(getattr(self, "_grad_norm", 0.0), result.diagnostics["grad_norm"])
+                        grad_norms.append(result.diagnostics["grad_norm"])
                 bar.update(len(chunk))
         bar.close()
         diagnostics = {"seeds": float(n_seeds)}
-        if hasattr(self, "_grad_norm"):
-            diagnostics["max_retrain_grad_norm"] = self._grad_norm
+        if grad_norms:
+            diagnostics["max_retrain_grad_norm"] = max(grad_norms)
         return GroundTruth(self.name, removed, deltas[0], diagnostics, deltas[1:] if n_seeds > 1 else None)
 
 
