@@ -23,8 +23,8 @@ from bench.seeding import rng
 from tasks.base import HeadView, Params, Split, TaskData, head_view_of
 from tasks.datasets import DatasetNotFoundError
 from tasks.deep import SgdTask
-from tasks.resnet import recipe_of, seeded_splits
 from tasks.sgd import SgdRecipe
+from tasks.splits import fixed_splits, seeded_splits
 from tasks.text_data import load_rt_snippets, minilm_path
 
 
@@ -104,10 +104,6 @@ class BertTask(SgdTask):
     influence_parameters: ClassVar[tuple[str, ...]] = ("classifier",)
     trainable_layers: ClassVar[int] = 1
 
-    @property
-    def recipe(self) -> SgdRecipe:
-        return recipe_of(self.config)
-
     def checkpoint_path(self) -> Path | str:
         """A local folder or a Hugging Face hub name."""
         raise NotImplementedError
@@ -143,10 +139,8 @@ class BertTask(SgdTask):
         targets = torch.as_tensor(labels)
         if not keep_order:
             return seeded_splits(self, features, targets, n_train, n_test, self.config.n_queries)
-        queries = rng(self.seed, self.name, "queries").choice(n_test, self.config.n_queries, replace=False)
-        return TaskData(Split(features[:n_train], targets[:n_train]).to(self.device),
-                        Split(features[n_train:], targets[n_train:]).to(self.device),
-                        torch.as_tensor(np.sort(queries), device=self.device))
+        return fixed_splits(self, Split(features[:n_train], targets[:n_train]),
+                            Split(features[n_train:], targets[n_train:]), self.config.n_queries)
 
 
 @registered("rt-bert")

@@ -25,7 +25,8 @@ class SgdTask(Task):
 
     @property
     def recipe(self) -> SgdRecipe:
-        return self.config.recipe
+        """Task configs extend :class:`SgdRecipe`: the config is the recipe."""
+        return self.config
 
     @property
     def l2(self) -> float:

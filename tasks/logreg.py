@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.solvers import conjugate_gradient
-from tasks.base import EXACT, Params, Retrained, RetrainSpec, Split, Task, TaskData, TrainedModel
+from tasks.base import EXACT, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
 from tasks.datasets import load_mnist_5k
+from tasks.splits import seeded_splits
 
 
 @dataclass(frozen=True)
@@ -115,21 +116,8 @@ class LogRegTask(Task):
     def load_data(self) -> TaskData:
         x, y = self._arrays()
         cfg = self.config
-        if cfg.n_train + cfg.n_test > len(y):
-            raise ValueError(f"{self.name}: n_train + n_test = {cfg.n_train + cfg.n_test} exceeds the {len(y)} examples")
-        if not 0 < cfg.n_queries <= cfg.n_test:
-            raise ValueError(f"{self.name}: n_queries must be in 1..n_test={cfg.n_test}, got {cfg.n_queries}")
-        order = rng(self.seed, self.name, "split").permutation(len(y))
-        train_idx, test_idx = order[: cfg.n_train], order[cfg.n_train : cfg.n_train + cfg.n_test]
-        query_idx = np.sort(rng(self.seed, self.name, "queries").choice(cfg.n_test, cfg.n_queries, replace=False))
-
-        def split(idx: np.ndarray) -> Split:
-            return Split(
-                torch.as_tensor(x[idx], dtype=self.dtype, device=self.device),
-                torch.as_tensor(y[idx], dtype=torch.long, device=self.device),
-            )
-
-        return TaskData(split(train_idx), split(test_idx), torch.as_tensor(query_idx, device=self.device))
+        return seeded_splits(self, torch.as_tensor(x, dtype=self.dtype), torch.as_tensor(y, dtype=torch.long),
+                             cfg.n_train, cfg.n_test, cfg.n_queries)
 
     def n_classes(self, data: TaskData) -> int:
         return int(data.train.targets.max()) + 1

@@ -18,6 +18,7 @@ from tasks.bert import BertConfig, BertTask
 from tasks.network_data import load_cifar10, load_sst2
 from tasks.resnet import ResNetTask
 from tasks.sgd import SgdRecipe
+from tasks.splits import fixed_splits
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -75,10 +76,9 @@ class Cifar10ResNet(ResNetTask):
 
         def split(images: np.ndarray, labels: np.ndarray) -> Split:
             pixels = (torch.as_tensor(images, dtype=torch.float32) / 255.0 - CIFAR_MEAN) / CIFAR_STD
-            return Split(pixels, torch.as_tensor(labels)).to(self.device)
+            return Split(pixels, torch.as_tensor(labels))
 
-        queries = np.sort(rng(self.seed, self.name, "queries").choice(cfg.n_test, cfg.n_queries, replace=False))
-        return TaskData(split(x_train, y_train), split(x_test, y_test), torch.as_tensor(queries, device=self.device))
+        return fixed_splits(self, split(x_train, y_train), split(x_test, y_test), cfg.n_queries)
 
 
 @dataclass(frozen=True)

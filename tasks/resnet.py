@@ -7,21 +7,20 @@ Hessian-vector products are then well defined, in training and evaluation alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from bench.registry import registered
-from bench.seeding import rng
-from tasks.base import HeadView, Params, Split, TaskData, head_view_of
+from tasks.base import HeadView, Params, TaskData, head_view_of
 from tasks.datasets import load_mnist_5k
 from tasks.deep import SgdTask
 from tasks.sgd import SgdRecipe
+from tasks.splits import seeded_splits
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -67,34 +66,12 @@ class ResNetConfig(SgdRecipe):
     epochs: int = 6
 
 
-def recipe_of(config: SgdRecipe) -> SgdRecipe:
-    """The recipe part of a task config (configs extend :class:`SgdRecipe`)."""
-    return SgdRecipe(**{f.name: getattr(config, f.name) for f in fields(SgdRecipe)})
-
-
-def seeded_splits(task: SgdTask, x: Tensor, y: Tensor, n_train: int, n_test: int, n_queries: int) -> TaskData:
-    """Seeded disjoint train/test split of ``x, y`` and a seeded query subset of the test split."""
-    if n_train + n_test > len(y):
-        raise ValueError(f"{task.name}: n_train + n_test = {n_train + n_test} exceeds the {len(y)} examples")
-    if not 0 < n_queries <= n_test:
-        raise ValueError(f"{task.name}: n_queries must be in 1..n_test={n_test}, got {n_queries}")
-    order = torch.as_tensor(rng(task.seed, task.name, "split").permutation(len(y)))
-    train_idx, test_idx = order[:n_train], order[n_train : n_train + n_test]
-    queries = np.sort(rng(task.seed, task.name, "queries").choice(n_test, n_queries, replace=False))
-    return TaskData(Split(x[train_idx], y[train_idx]).to(task.device), Split(x[test_idx], y[test_idx]).to(task.device),
-                    torch.as_tensor(queries, device=task.device))
-
-
 class ResNetTask(SgdTask):
     """Cross-entropy classification with :class:`SmallResNet`."""
 
     Config: ClassVar[type] = ResNetConfig
     #: last-layer influence by default (any subset can be set with an estimator's ``parameters``)
     influence_parameters: ClassVar[tuple[str, ...]] = ("fc",)
-
-    @property
-    def recipe(self) -> SgdRecipe:
-        return recipe_of(self.config)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
