@@ -95,6 +95,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
             extra = f"  [{registry.origin(name)}]" if registry.origin(name) != "built-in" else ""
             print(f"  {name:<14} {doc}{extra}")
+            if hasattr(obj, "capabilities"):
+                print(f"  {'':<14} provides: {', '.join(sorted(obj.capabilities))}")
     return 0
 
 

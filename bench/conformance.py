@@ -14,11 +14,14 @@ import numpy as np
 import torch
 
 from bench import metrics
-from bench.runner import validate_scores
+from bench.groundtruth.base import validate_scores
 from estimators.base import SINGLE, Estimator, FitContext
 from tasks.logreg import ToyLogReg
 
-MIN_PEARSON = 0.5
+#: A sign-and-sanity bar, not a quality bar (the leaderboard measures quality): random scores give
+#: |r| < 0.1 here, a flipped sign gives r < 0, and methods that do not target leave-one-out by design
+#: (TracIn, gradient cosine, GIF moving 5% of the parameters) land between 0.4 and 0.7.
+MIN_PEARSON = 0.25
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class ToyProblem:
 
 
 def toy_problem(seed: int = 0) -> ToyProblem:
-    """The toy task trained to ‖∇J‖ ≤ 1e-12 and its exact leave-one-out effects for all points."""
+    """The toy task trained to ‖∇J‖ ≤ 1e-12 and its exact leave-one-out effects for all points
+    (plus the checkpoints of an SGD run on the same objective, for TracIn)."""
     task = ToyLogReg(ToyLogReg.presets["default"], seed=seed)
     data = task.load_data()
     base = task.train(data)
@@ -49,7 +53,9 @@ def toy_problem(seed: int = 0) -> ToyProblem:
         retrained = task.retrain_without(data, base, [i[None] for i in train_idx])
         actual = torch.stack([task.per_example_loss(model, r.params, data.queries) - base_loss for r in retrained], 1)
     ctx = FitContext(model, base.params, task.loss, task.l2, data.train, seed, base.checkpoints,
-                     lambda: task.exact_hessian(base.params, data))
+                     lambda: task.exact_hessian(base.params, data),
+                     embed=lambda split, space: task.embed(base.params, split, space),
+                     embedding_spaces=task.embedding_spaces)
     return ToyProblem(task, ctx, data.queries, train_idx, actual.numpy())
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from bench.store import ResultsStore
 
 MAIN_METRIC = "pearson"
+DEFAULT_COLUMNS = ("spearman", "kendall", "top_k_overlap")
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -41,10 +42,23 @@ def select_latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+def _headline(record: dict[str, Any]) -> str:
+    return record.get("headline", MAIN_METRIC)
+
+
+def _columns(record: dict[str, Any]) -> list[str]:
+    return list(record.get("columns", DEFAULT_COLUMNS))
+
+
 def _sort_key(record: dict[str, Any]) -> tuple[int, float, str]:
-    value = record.get("metrics", {}).get(MAIN_METRIC)
-    ok = record.get("status") == "ok" and value is not None
+    value = record.get("metrics", {}).get(_headline(record))
+    ok = record.get("status") == "ok" and value is not None and math.isfinite(value)
     return (0 if ok else 1, -(value if ok else 0.0), record["estimator"])
+
+
+def _title(name: str, top_k: int) -> str:
+    return {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "top_k_overlap": f"top-{top_k} overlap",
+            "lds": "LDS", "auc": "AUC", "f1": "F1", "param_distance": "‖θ−θ_R‖ rel."}.get(name, name)
 
 
 def figure_name(task: str, protocol: str) -> str:
@@ -78,64 +92,127 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[tuple[str, s
         "expected to beat it.",
         "",
     ]
+    if len(groups) > 1:
+        lines += render_overview(groups)
     for (task, protocol), group in groups.items():
         group.sort(key=_sort_key)
         lines += _section(task, protocol, group, (figures or {}).get((task, protocol)))
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str | None) -> list[str]:
-    head = group[0]
+def _facts(head: dict[str, Any]) -> list[str]:
     diagnostics = head.get("task_diagnostics", {})
     gt = head.get("groundtruth_diagnostics", {})
-    top_k = head.get("top_k", 10)
     facts = [f"preset `{head.get('preset', '?')}`"]
     if "test_accuracy" in diagnostics:
         facts.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%")
-    facts.append(f"{head.get('n_queries', '?')} queries × {head.get('n_columns', '?')} removed points")
+    noun = head.get("column_noun", "removed points")
+    if "changed_points" in gt:
+        facts.append(f"{int(gt['changed_points'])} training points {'removed' if noun == 'removed class' else 'relabelled'}")
+    elif "ranked" not in gt:
+        facts.append(f"{head.get('n_queries', '?')} queries × {head.get('n_columns', '?')} {noun}")
     if gt.get("seeds", 1) > 1:
         facts.append(f"{int(gt['seeds'])} retraining seeds")
+    if gt.get("warm_steps") is not None:
+        facts.append(f"warm-started retrains of {int(gt['warm_steps'])} steps")
     if gt.get("max_retrain_grad_norm") is not None:
         facts.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
+    if gt.get("retrained_f1") is not None:
+        for who, label in (("retrained", "retrained model"), ("original", "θ̂ (no update)")):
+            facts.append(f"{label}: F1 {_num(gt.get(f'{who}_f1'))} (forget {_num(gt.get(f'{who}_forget'))}, "
+                         f"retain {_num(gt.get(f'{who}_retain'))})")
+    if gt.get("loss_ranking_auc") is not None:
+        facts.append(f"{int(gt.get('flipped_ranked', 0))} flipped among {int(gt.get('ranked', 0))} ranked points; "
+                     f"ranking by training loss: AUC {_num(gt['loss_ranking_auc'])}")
     if gt.get("seconds") is not None:
         facts.append(f"ground truth took {_seconds(gt['seconds'])} s")
+    return facts
+
+
+def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str | None) -> list[str]:
+    head = group[0]
+    gt = head.get("groundtruth_diagnostics", {})
+    top_k = head.get("top_k", 10)
+    headline, columns = _headline(head), _columns(head)
+    hide_top_k = (head.get("n_columns") or top_k + 1) <= top_k  # trivially 1: every column is in the top k
     lines = [
         f"## {task} · {protocol}",
         "",
-        "; ".join(facts) + ".",
+        "; ".join(_facts(head)) + ".",
         "",
-        f"| rank | estimator | Pearson (95% CI) | Spearman | Kendall | top-{top_k} overlap | fit s | score s | peak MB |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| rank | estimator | {_title(headline, top_k)} (95% CI) | "
+        + " | ".join(_title(c, top_k) for c in columns) + " | fit s | score s | peak MB |",
+        "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|",
     ]
-    if gt.get("ceiling_pearson") is not None:
-        low, high = gt.get("ceiling_pearson_ci") or [None, None]
-        lines.append(
-            f"| – | *noise ceiling* | {_num(gt['ceiling_pearson'])} ({_num(low)} – {_num(high)}) | "
-            f"{_num(gt.get('ceiling_spearman'))} | {_num(gt.get('ceiling_kendall'))} | "
-            f"{_num(gt.get('ceiling_top_k_overlap') if (head.get('n_columns') or top_k + 1) > top_k else None)}"
-            " | | | |"
-        )
+    if gt.get(f"ceiling_{headline}") is not None:
+        low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
+        cells = [_num(gt.get(f"ceiling_{c}") if not (c == "top_k_overlap" and hide_top_k) else None) for c in columns]
+        lines.append(f"| – | *noise ceiling* | {_num(gt[f'ceiling_{headline}'])} ({_num(low)} – {_num(high)}) | "
+                     + " | ".join(cells) + " | | | |")
     rank = 0
     for record in group:
         profile = record.get("profile") or {}
         if record.get("status") == "ok":
             rank += 1
             m = dict(record.get("metrics", {}))
-            if (record.get("n_columns") or top_k + 1) <= top_k:
-                m["top_k_overlap"] = None  # trivially 1: every column is in the top k
+            if hide_top_k:
+                m["top_k_overlap"] = None
             peak = profile.get("peak_cuda_mb") or profile.get("peak_mem_mb")
             lines.append(
-                f"| {rank} | `{record['estimator']}` | {_with_ci(record, 'pearson')} | {_num(m.get('spearman'))} | "
-                f"{_num(m.get('kendall'))} | {_num(m.get('top_k_overlap'))} | {_seconds(profile.get('fit_s'))} | "
-                f"{_seconds(profile.get('score_s'))} | {_num(peak, 0)} |"
+                f"| {rank} | `{record['estimator']}` | {_with_ci(record, headline)} | "
+                + " | ".join(_num(m.get(c)) for c in columns)
+                + f" | {_seconds(profile.get('fit_s'))} | {_seconds(profile.get('score_s'))} | {_num(peak, 0)} |"
             )
+        elif record.get("status") == "not-applicable" and "needs" in str(record.get("error")):
+            continue  # listed once below the table
         else:
             error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
-            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} | | | | | | |")
+            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 3))
     lines.append("")
+    skipped = [r["estimator"] for r in group if r.get("status") == "not-applicable" and "needs" in str(r.get("error"))]
+    if skipped:
+        needs = str(next(r for r in group if r["estimator"] == skipped[0])["error"]).split(";")[0]
+        lines += [f"Not applicable ({needs}): " + ", ".join(f"`{name}`" for name in skipped) + ".", ""]
     if figure:
         lines += [f"![{task} {protocol}: predicted vs actual]({figure})", ""]
     return lines
+
+
+def render_overview(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Estimators × (task, protocol): each cell's headline metric and the estimator's rank there."""
+    keys = list(groups)
+    estimators = sorted({r["estimator"] for group in groups.values() for r in group})
+    ranks: dict[tuple[str, tuple[str, str]], int] = {}
+    values: dict[tuple[str, tuple[str, str]], str] = {}
+    for key, group in groups.items():
+        rank = 0
+        for record in sorted(group, key=_sort_key):
+            if record.get("status") == "ok":
+                rank += 1
+                ranks[record["estimator"], key] = rank
+                values[record["estimator"], key] = f"{_num(record['metrics'].get(_headline(record)))} ({rank})"
+            else:
+                values[record["estimator"], key] = "n/a" if record.get("status") == "not-applicable" else "failed"
+
+    def mean_rank(name: str) -> float:
+        own = [ranks[name, k] for k in keys if (name, k) in ranks]
+        return sum(own) / len(own) if own else math.inf
+
+    lines = [
+        "## Overview",
+        "",
+        "Each cell: the protocol's headline metric (higher is better) and, in brackets, the estimator's rank "
+        "in that column; *n/a*: the estimator does not provide what the protocol needs. Rows by mean rank.",
+        "",
+        "| estimator | mean rank | "
+        + " | ".join(f"{t} · {p} ({_title(_headline(groups[t, p][0]), 10)})" for t, p in keys) + " |",
+        "|---|---:|" + "---:|" * len(keys),
+    ]
+    for name in sorted(estimators, key=lambda e: (mean_rank(e), e)):
+        average = mean_rank(name)
+        lines.append(f"| `{name}` | {_num(average, 1) if math.isfinite(average) else '–'} | "
+                     + " | ".join(values.get((name, k), "–") for k in keys) + " |")
+    return [*lines, ""]
 
 
 def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True) -> Path:

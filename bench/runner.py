@@ -8,10 +8,13 @@ on a re-run, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,17 +23,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench import environment, metrics
+from bench import environment
 from bench.cache import ArtifactCache, load_or_none, pack_trained, unpack_trained
 from bench.catalog import Registries
 from bench.config import ComponentSpec, ConfigError, SuiteConfig, make_config
-from bench.groundtruth.base import GroundTruth, Protocol
+from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
 from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
-from estimators.base import SINGLE, Estimator, FitContext, NotApplicable
-from tasks.base import HeadView, Task, TaskData, TrainedModel
+from estimators.base import Estimator, FitContext, NotApplicable
+from tasks.base import HeadView, Params, Split, Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +164,7 @@ class Runner:
                                         fitted, keys[protocol_plan.name, est.name])
                 self.store.append(record)
                 summary.ran += 1
-                if record["status"] != "ok":
+                if record["status"] == "failed":
                     summary.failed += 1
                     summary.failures.append(f"{planned.spec.name}/{protocol_plan.name}/{est.name}: {record['error']}")
                 bar.update(1)
@@ -187,45 +190,40 @@ class Runner:
         self.cache.save_model(task_key, *pack_trained(base, task.name))
         return base
 
+    def _protocol(self, protocol_plan: PlannedComponent) -> Protocol:
+        return protocol_plan.cls(protocol_plan.config, seed=derive_seed(self.suite.seed, "protocol", protocol_plan.name))
+
     def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, task_key: str,
                       protocol_plan: PlannedComponent) -> GroundTruth:
         key = stable_hash(task_key, self._protocol_key_parts(protocol_plan))
         cached = load_or_none(self.cache.load_arrays, key)
-        if cached is not None:
+        model = load_or_none(self.cache.load_model, f"{key}-model") if cached and cached[1].get("has_model") else None
+        if cached is not None and (model is not None or not cached[1].get("has_model")):
             arrays, meta = cached
+            extra = {k.removeprefix("extra."): v for k, v in arrays.items() if k.startswith("extra.")}
             return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"],
-                               arrays.get("replicates"))
-        protocol_seed = derive_seed(self.suite.seed, "protocol", protocol_plan.name)
-        protocol: Protocol = protocol_plan.cls(protocol_plan.config, seed=protocol_seed)
+                               arrays.get("replicates"), extra,
+                               unpack_trained(*model, device=self.device) if model is not None else None)
+        protocol = self._protocol(protocol_plan)
         with profiled(self.device) as prof:
             truth = protocol.compute(task, data, base, progress=self.progress)
-        diagnostics = {**truth.diagnostics, "seconds": prof.seconds, **self._noise_ceiling(truth, key)}
-        arrays = {"train_idx": truth.train_idx, "actual": truth.actual}
+        settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "ceiling", key))
+        diagnostics = {**truth.diagnostics, "seconds": prof.seconds, **protocol.noise_ceiling(truth, settings)}
+        arrays = {"train_idx": truth.train_idx, "actual": truth.actual, **{f"extra.{k}": v for k, v in truth.extra.items()}}
         if truth.replicates is not None:
             arrays["replicates"] = truth.replicates
-        self.cache.save_arrays(key, arrays, {"diagnostics": diagnostics})
-        return GroundTruth(truth.protocol, truth.train_idx, truth.actual, diagnostics, truth.replicates)
-
-    def _noise_ceiling(self, truth: GroundTruth, key: str) -> dict[str, Any]:
-        """Metrics of each seed replicate against the ground truth, averaged over replicates, per query."""
-        if truth.replicates is None or len(truth.replicates) == 0:
-            return {}
-        per_replicate = [metrics.per_query(rep, truth.actual, self.suite.top_k) for rep in truth.replicates]
-        ceiling: dict[str, Any] = {}
-        for name in metrics.METRICS:
-            values = np.mean([values[name] for values in per_replicate], axis=0)
-            summary = metrics.summarise(values, resamples=self.suite.bootstrap_resamples,
-                                        seed=derive_seed(self.suite.seed, "ceiling", key))
-            ceiling[f"ceiling_{name}"] = summary.mean
-            ceiling[f"ceiling_{name}_ci"] = [summary.low, summary.high]
-        return ceiling
+        if truth.model is not None:  # the model first: a ground truth on disk implies its model is there
+            self.cache.save_model(f"{key}-model", *pack_trained(truth.model, task.name))
+        self.cache.save_arrays(key, arrays, {"diagnostics": diagnostics, "has_model": truth.model is not None})
+        return dataclasses.replace(truth, diagnostics=diagnostics)
 
     # -- cell level ----------------------------------------------------------
     def _fit(self, est: PlannedComponent, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
-             fitted: dict[str, Any]) -> tuple[Estimator | None, Any, str | None, Any]:
-        if est.name in fitted:
-            return fitted[est.name]
-        estimator, error, queries = None, None, data.queries
+             fitted: dict[str, Fitted], fit_key: str) -> Fitted:
+        """Fit once per (estimator, model fitted on); later protocols on the same model reuse it."""
+        if fit_key in fitted:
+            return fitted[fit_key]
+        estimator, error, queries, lift = None, None, data.queries, _identity
         seed = derive_seed(self.suite.seed, "estimator", est.name, planned.spec.name)
         with profiled(self.device) as prof:
             try:
@@ -235,11 +233,15 @@ class Runner:
                         model=task.build_model(), params=base.params, loss=task.loss, l2=task.l2, train=data.train,
                         seed=seed, checkpoints=base.checkpoints, exact_hessian=lambda: task.exact_hessian(base.params, data),
                         default_parameters=task.influence_parameters,
+                        embed=lambda split, space: task.embed(base.params, split, space),
+                        embedding_spaces=task.embedding_spaces, head_view_at=task.head_view,
                     )
                 else:  # same influence on the head's parameters, over features computed once
                     ctx = FitContext(model=view.module, params=view.params, loss=task.loss, l2=task.l2,
-                                     train=view.split(data.train), seed=seed)
+                                     train=view.split(data.train), seed=seed, embed=_penultimate_of_view,
+                                     embedding_spaces=("penultimate",))
                     queries = view.split(data.queries)
+                    lift = functools.partial(_prefixed, view.prefix)
                 estimator = est.cls(est.config)
                 estimator.fit(ctx)
             except NotApplicable as err:
@@ -247,13 +249,13 @@ class Runner:
             except Exception as err:  # a crashing estimator becomes a failed cell
                 error = _describe(err)
                 estimator = None
-        fitted[est.name] = (estimator, prof, error, queries)
-        return fitted[est.name]
+        fitted[fit_key] = Fitted(estimator, prof, error, queries, lift, data, base)
+        return fitted[fit_key]
 
     @staticmethod
     def _head_view(task: Task, base: TrainedModel, est: PlannedComponent) -> HeadView | None:
         """The task's head view, if this estimator may use it (θ̂ only, default parameter subset)."""
-        if not est.cls.uses_head_view or getattr(est.config, "parameters", ()):
+        if not est.cls.runs_on_head_view(est.config):
             return None
         view = task.head_view(base.params)
         return view if view is not None and task.influence_parameters == (view.prefix,) else None
@@ -268,7 +270,7 @@ class Runner:
             "config_hash": stable_hash(planned.config, protocol_plan.config, est.config, self.suite.seed),
             "estimator_config": _plain(est.config), "task_config": _plain(planned.config),
             "protocol_config": _plain(protocol_plan.config), "seed": self.suite.seed, "threads": self.suite.threads,
-            "top_k": self.suite.top_k,
+            "top_k": self.suite.top_k, "headline": protocol_plan.cls.headline, "column_noun": protocol_plan.cls.column_noun,
             "device": environment.device_description(self.suite.device), "git_commit": environment.git_commit(),
             "versions": environment.versions(), "task_diagnostics": base.diagnostics,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -278,47 +280,78 @@ class Runner:
             return record
         record.update(n_queries=int(truth.actual.shape[0]), n_columns=int(truth.actual.shape[1]),
                       groundtruth_diagnostics=truth.diagnostics)
-        if SINGLE not in est.cls.capabilities:
-            record.update(status=NOT_APPLICABLE, error=f"{est.name} does not provide single-point scores")
+        protocol = self._protocol(protocol_plan)
+        record["columns"] = list(protocol.columns)
+        if not protocol.needs & est.cls.capabilities:
+            record.update(status=NOT_APPLICABLE, error=f"{protocol_plan.name} needs {' or '.join(sorted(protocol.needs))}; "
+                          f"{est.name} provides {', '.join(sorted(est.cls.capabilities))}")
             return record
-        estimator, fit_prof, error, queries = self._fit(est, task, data, base, planned, fitted)
+        if protocol.fits_on_own_model:
+            fit = self._fit(est, task, protocol.fit_data(data, truth), truth.model, planned, fitted, protocol_plan.name)
+        else:
+            fit = self._fit(est, task, data, base, planned, fitted, "base")
+        fit_prof = fit.profile
         profile = {"fit_s": fit_prof.seconds, "fit_peak_mem_mb": fit_prof.peak_rss_mb, "fit_peak_cuda_mb": fit_prof.peak_cuda_mb}
         record["profile"] = profile
-        if estimator is None:
-            if error.startswith(NOT_APPLICABLE):
-                record.update(status=NOT_APPLICABLE, error=error.removeprefix(f"{NOT_APPLICABLE}: "))
+        if fit.estimator is None:
+            if fit.error.startswith(NOT_APPLICABLE):
+                record.update(status=NOT_APPLICABLE, error=fit.error.removeprefix(f"{NOT_APPLICABLE}: "))
             else:
-                record["error"] = f"fit failed: {error}"
+                record["error"] = f"fit failed: {fit.error}"
             return record
-        train_idx = torch.as_tensor(truth.train_idx, dtype=torch.long, device=self.device)
+        settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "bootstrap", cell_key))
+        evaluation = Evaluation(fit.estimator, fit.queries, truth, task, fit.data, fit.base, fit.lift, settings)
+        result, error = None, None
         with profiled(self.device) as prof:
             try:
-                scores = estimator.score(queries, train_idx)
+                result = protocol.evaluate(evaluation)
+            except EvaluationError as err:
+                error = str(err)
             except Exception as err:
-                scores, error = None, _describe(err)
+                error = f"score failed: {_describe(err)}"
         profile.update(score_s=prof.seconds, score_peak_mem_mb=prof.peak_rss_mb, score_peak_cuda_mb=prof.peak_cuda_mb,
                        peak_mem_mb=max(prof.peak_rss_mb, fit_prof.peak_rss_mb), rss_method=prof.rss_method)
         if prof.peak_cuda_mb is not None:
             profile["peak_cuda_mb"] = max(prof.peak_cuda_mb, fit_prof.peak_cuda_mb or 0.0)
-        record["estimator_diagnostics"] = estimator.diagnostics()
-        if scores is None:
-            record["error"] = f"score failed: {error}"
+        record["estimator_diagnostics"] = fit.estimator.diagnostics()
+        if result is None:
+            record["error"] = error
             return record
-        problem = validate_scores(scores, truth.actual.shape)
-        if problem:
-            record["error"] = problem
-            return record
-        predicted = scores.detach().cpu().numpy().astype(np.float64)
-        per_query = metrics.per_query(predicted, truth.actual, self.suite.top_k)
-        for name, values in per_query.items():
-            summary = metrics.summarise(values, resamples=self.suite.bootstrap_resamples,
-                                        seed=derive_seed(self.suite.seed, "bootstrap", cell_key))
-            record["metrics"][name] = summary.mean
-            record["ci"][name] = [summary.low, summary.high]
-            record.setdefault("n_valid_queries", {})[name] = summary.n_valid
-        self.store.save_artifact(cell_key, predicted.astype(np.float32), truth.actual.astype(np.float32))
-        record["status"] = "ok"
+        record.update(metrics=result.metrics, ci=result.ci, n_valid_queries=result.n_valid, status="ok")
+        if result.details:
+            record["details"] = result.details
+        if result.predicted is not None:
+            self.store.save_artifact(cell_key, result.predicted.astype(np.float32), result.actual.astype(np.float32))
         return record
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """An estimator fitted for a task (None if fitting failed or did not apply), and how to talk to it."""
+
+    estimator: Estimator | None
+    profile: Any
+    error: str | None
+    queries: Split
+    lift: Callable[[Params], Params]
+    data: TaskData
+    base: TrainedModel
+
+
+def _identity(update: Params) -> Params:
+    return update
+
+
+def _prefixed(prefix: str, update: Params) -> Params:
+    """A head view's parameter names back in the whole model's namespace."""
+    return {f"{prefix}.{name}": value for name, value in update.items()}
+
+
+def _penultimate_of_view(split: Split, space: str) -> torch.Tensor:
+    """On a head view the inputs *are* the penultimate features."""
+    if space != "penultimate":
+        raise ValueError(f"a head view offers only the 'penultimate' feature space, not {space!r}")
+    return split.inputs.flatten(1)
 
 
 def _release_memory(device: torch.device) -> None:
@@ -326,20 +359,6 @@ def _release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def validate_scores(scores: Any, shape: tuple[int, int]) -> str | None:
-    """Why a score matrix is unusable, or None if it is fine."""
-    if not isinstance(scores, torch.Tensor):
-        return f"score() must return a torch.Tensor, got {type(scores).__name__}"
-    if tuple(scores.shape) != tuple(shape):
-        return f"score() returned shape {tuple(scores.shape)}, expected {tuple(shape)} (n_query, n_train_idx)"
-    if not torch.is_floating_point(scores):
-        return f"score() returned dtype {scores.dtype}, expected a floating dtype (float32)"
-    bad = int((~torch.isfinite(scores)).sum())
-    if bad:
-        return f"score() returned {bad} non-finite values (NaN or inf) out of {scores.numel()}"
-    return None
 
 
 def _describe(err: BaseException) -> str:

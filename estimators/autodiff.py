@@ -57,6 +57,10 @@ class FlatLoss:
             offset += shape.numel()
         return merged
 
+    def split_vector(self, vector: Tensor) -> Params:
+        """A flat ``[P]`` vector (e.g. a parameter update) as ``{name: tensor}`` over the chosen names only."""
+        return {name: value for name, value in self.unflatten(vector).items() if name in self.names}
+
     def batch_losses(self, theta: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
         return self.loss(functional_call(self.model, self.unflatten(theta), (inputs,)), targets)
 

@@ -14,7 +14,7 @@ Ground truth measures exactly this quantity, so no metric flips a sign.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.config import EmptyConfig
-from tasks.base import Checkpoint, Params, Split
+from tasks.base import Checkpoint, HeadView, Params, Split
 
 #: Capabilities an estimator may declare; the runner asks only for what is declared.
 SINGLE = "single"  # per-point scores (this protocol)
@@ -51,6 +51,12 @@ class FitContext:
     exact_hessian: Callable[[], Tensor] | None = None
     #: The task's suggested parameter subset (e.g. the top layers); empty means all.
     default_parameters: tuple[str, ...] = ()
+    #: ``embed(split, space)`` → ``[len(split), d]`` features of a split *as this estimator is given it*
+    #: (for kNN preselection); ``space`` is one of ``embedding_spaces``.
+    embed: Callable[[Split, str], Tensor] | None = None
+    embedding_spaces: tuple[str, ...] = ()
+    #: The task's head view at other parameters (e.g. a checkpoint's), or None where there is none.
+    head_view_at: Callable[[Params], HeadView | None] | None = None
 
     @property
     def n_train(self) -> int:
@@ -80,6 +86,11 @@ class Estimator(ABC):
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
 
+    @classmethod
+    def runs_on_head_view(cls, config: Any) -> bool:
+        """Whether the runner may hand this estimator (with ``config``) the task's head view."""
+        return cls.uses_head_view and not getattr(config, "parameters", ())
+
     @abstractmethod
     def fit(self, ctx: FitContext) -> None:
         """Precompute whatever does not depend on the queries."""
@@ -87,6 +98,20 @@ class Estimator(ABC):
     @abstractmethod
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
         """``[len(queries), len(train_idx)]`` float32 predicted removal effects (see module docstring)."""
+
+    def score_groups(self, queries: Split, groups: Sequence[Tensor]) -> Tensor:
+        """GROUP: ``[len(queries), len(groups)]`` predicted change in query loss when each whole group
+        (a tensor of training indices) is removed together. Declared with ``GROUP`` in ``capabilities``."""
+        raise NotImplementedError(f"{self.name} does not provide group scores")
+
+    def update(self, removed: Tensor, new_targets: Tensor | None = None) -> Params:
+        """PARAMETER_UPDATE: predicted ``θ_new − θ̂`` for the parameters the estimator works on, when the
+        training points ``removed`` are dropped, or (``new_targets`` given, aligned) relabelled."""
+        raise NotImplementedError(f"{self.name} does not provide parameter updates")
+
+    def self_influence(self, train_idx: Tensor) -> Tensor:
+        """SELF_INFLUENCE: ``[len(train_idx)]`` predicted rise of each point's own loss when it is removed."""
+        raise NotImplementedError(f"{self.name} does not provide self-influence")
 
     def diagnostics(self) -> dict[str, float]:
         """Numbers worth recording with the result (iterations, residuals, chosen scales)."""

@@ -18,15 +18,28 @@ from torch import Tensor
 from bench.registry import registered
 from bench.seeding import torch_generator
 from estimators.autodiff import FlatLoss, full_hessian, hvp_operator, per_example_grads
-from estimators.base import Estimator, FitContext, NotApplicable
+from estimators.base import PARAMETER_UPDATE, SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
 from estimators.solvers import SolverDivergedError, conjugate_gradient, lissa, top_eigenvalue
-from tasks.base import Split
+from tasks.base import Params, Split
+
+
+def perturbation_gradient(flat: FlatLoss, train: Split, removed: Tensor, new_targets: Tensor | None,
+                          chunk: int = 64) -> Tensor:
+    """``[P]``: Σ_{z∈removed} ∇ℓ(z) − Σ ∇ℓ(z with its new target): the gradient of the terms that
+    leave (and, for a relabelling, join) the objective's sum."""
+    group = train.subset(removed)
+    shift = per_example_grads(flat, group, chunk=chunk).sum(0)
+    if new_targets is not None:
+        relabelled = Split(group.inputs, torch.as_tensor(new_targets, device=group.targets.device))
+        shift = shift - per_example_grads(flat, relabelled, chunk=chunk).sum(0)
+    return shift
 
 
 class InverseHvpInfluence(Estimator):
     """Shared scoring: scores[q, j] = g_qᵀ H⁻¹ g_{z_j} / n. Subclasses supply ``inverse_hvp``."""
 
     uses_head_view: ClassVar[bool] = True
+    capabilities: ClassVar[frozenset[str]] = frozenset({SINGLE, PARAMETER_UPDATE, SELF_INFLUENCE})
 
     def fit(self, ctx: FitContext) -> None:
         self.ctx = ctx
@@ -43,12 +56,36 @@ class InverseHvpInfluence(Estimator):
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """H⁻¹ v for each row of ``vectors [B, P]``."""
 
+    def grads(self, split: Split) -> Tensor:
+        """Per-example gradients ``[len(split), P]`` at θ̂ on the chosen parameters."""
+        return per_example_grads(self.flat, split, chunk=self.config.grad_chunk)
+
+    def s_test(self, queries: Split) -> Tensor:
+        """``H⁻¹ g_q`` for each query: ``[len(queries), P]``. Memoised for the last query set, so protocols
+        that share queries (loo, group, lds, ...) solve once per fit; ``s_test_reused`` counts reuses."""
+        cached = getattr(self, "_s_test", None)
+        if cached is not None and cached[0].shape == queries.inputs.shape and torch.equal(cached[0], queries.inputs) \
+                and torch.equal(cached[1], queries.targets):
+            self._info["s_test_reused"] = self._info.get("s_test_reused", 0.0) + 1.0
+            return cached[2]
+        solution = self.inverse_hvp(self.grads(queries))
+        self._s_test = (queries.inputs, queries.targets, solution)
+        return solution
+
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
-        chunk = self.config.grad_chunk
-        query_grads = per_example_grads(self.flat, queries, chunk=chunk)
-        s_test = self.inverse_hvp(query_grads)
-        train_grads = per_example_grads(self.flat, self.ctx.train.subset(train_idx), chunk=chunk)
-        return (s_test @ train_grads.T / self.ctx.n_train).float()
+        train_grads = self.grads(self.ctx.train.subset(train_idx))
+        return (self.s_test(queries) @ train_grads.T / self.ctx.n_train).float()
+
+    def update(self, removed: Tensor, new_targets: Tensor | None = None) -> Params:
+        """Δθ = H⁻¹ (Σ_removed g_z − Σ_relabelled g_z') / n on the chosen parameters (Koh & Liang's ε = −1/n)."""
+        shift = perturbation_gradient(self.flat, self.ctx.train, removed, new_targets, self.config.grad_chunk)
+        step = self.inverse_hvp(shift[None])[0] / self.ctx.n_train
+        return self.flat.split_vector(step)
+
+    def self_influence(self, train_idx: Tensor) -> Tensor:
+        """g_zᵀ H⁻¹ g_z / n: the first-order rise of z's own loss when z is removed."""
+        grads = self.grads(self.ctx.train.subset(train_idx))
+        return ((self.inverse_hvp(grads) * grads).sum(1) / self.ctx.n_train).float()
 
     def diagnostics(self) -> dict[str, float]:
         return dict(self._info)
@@ -71,21 +108,34 @@ class ExactInfluence(InverseHvpInfluence):
     Config: ClassVar[type] = ExactConfig
 
     def prepare(self, ctx: FitContext) -> None:
-        if self.flat.size > self.config.max_parameters:
-            raise NotApplicable(f"{self.flat.size:,} parameters exceed max_parameters={self.config.max_parameters:,} "
-                                "for an explicit Hessian; restrict 'parameters' or use if-cg")
-        use_fast_path = ctx.exact_hessian is not None and self.flat.names == tuple(ctx.params)
-        hessian = ctx.exact_hessian() if use_fast_path else full_hessian(self.flat, ctx.train, ctx.l2)
-        if self.config.damping:
-            hessian = hessian + self.config.damping * torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
-        factor, info = torch.linalg.cholesky_ex(hessian)
-        if int(info) != 0:
-            raise SolverDivergedError(f"Hessian is not positive definite (column {int(info)}): add damping")
-        self.factor = factor
-        self._info["closed_form_hessian"] = float(use_fast_path)
+        hessian = dense_hessian(self.flat, ctx, self.config.damping, self.config.max_parameters, self._info)
+        self.factor = cholesky_factor(hessian)
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         return torch.cholesky_solve(vectors.T, self.factor).T
+
+
+def dense_hessian(flat: FlatLoss, ctx: FitContext, damping: float, max_parameters: int,
+                  info: dict[str, float]) -> Tensor:
+    """``[P, P]`` Hessian of the objective plus ``damping``·I on ``flat``'s parameters (the task's closed
+    form when it has one for all parameters). Raises NotApplicable above ``max_parameters``."""
+    if flat.size > max_parameters:
+        raise NotApplicable(f"{flat.size:,} parameters exceed max_parameters={max_parameters:,} "
+                            "for an explicit Hessian; restrict 'parameters' or use an iterative solver")
+    use_fast_path = ctx.exact_hessian is not None and flat.names == tuple(ctx.params)
+    hessian = ctx.exact_hessian() if use_fast_path else full_hessian(flat, ctx.train, ctx.l2)
+    info["closed_form_hessian"] = float(use_fast_path)
+    if damping:
+        hessian = hessian + damping * torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    return hessian
+
+
+def cholesky_factor(matrix: Tensor) -> Tensor:
+    """Lower Cholesky factor; a clear error when the matrix is not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise SolverDivergedError(f"Hessian is not positive definite (column {int(info)}): add damping")
+    return factor
 
 
 @dataclass(frozen=True)

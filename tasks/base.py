@@ -94,14 +94,15 @@ class HeadView:
 
 
 class FeaturesOf(nn.Module):
-    """Wraps a model so ``functional_call`` can run its ``features`` method with given parameters."""
+    """Wraps a model so ``functional_call`` can run one of its feature methods with given parameters."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, method: str = "features"):
         super().__init__()
         self.model = model
+        self.method = method
 
     def forward(self, inputs: Tensor) -> Tensor:
-        return self.model.features(inputs)
+        return getattr(self.model, self.method)(inputs)
 
 
 def head_view_of(model: nn.Module, params: Params, head: str) -> HeadView | None:
@@ -195,6 +196,23 @@ class Task(ABC):
     def replicate_seed(self, replicate: int) -> int:
         """Training seed of ground-truth replicate ``replicate`` (0: the task's own seed, i.e. θ̂)."""
         return self.seed if replicate == 0 else derive_seed(self.seed, "replicate", replicate)
+
+    #: Feature spaces ``embed`` offers; a space ``s`` other than "penultimate" is the model's ``s_features``.
+    embedding_spaces: ClassVar[tuple[str, ...]] = ("penultimate",)
+
+    @torch.no_grad()
+    def embed(self, params: Params, split: Split, space: str = "penultimate", chunk: int = 512) -> Tensor:
+        """``[len(split), d]`` features for nearest-neighbour search and clustering. "penultimate" is the
+        input of the model's last layer (its ``features`` method), or the flattened inputs for a linear model."""
+        if space not in self.embedding_spaces:
+            raise ValueError(f"unknown feature space {space!r} for task {self.name}. Valid: {', '.join(self.embedding_spaces)}")
+        model = self.build_model()
+        method = "features" if space == "penultimate" else f"{space}_features"
+        if not hasattr(model, method):
+            return split.inputs.flatten(1)
+        wrapper, wrapped = FeaturesOf(model, method), {f"model.{k}": v for k, v in params.items()}
+        parts = [functional_call(wrapper, wrapped, (split.inputs[i : i + chunk],)) for i in range(0, len(split), chunk)]
+        return torch.cat(parts).flatten(1)
 
     def head_view(self, params: Params) -> HeadView | None:
         """Optional: the head that ``influence_parameters`` names, over frozen features (see HeadView)."""

@@ -55,13 +55,21 @@ class BertTop(nn.Module):
         self.layer = layer
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def features(self, packed: Tensor) -> Tensor:
-        """Masked mean of the top layer's output: ``[b, H]`` (the classifier's input)."""
+    def top_output(self, packed: Tensor) -> tuple[Tensor, Tensor]:
+        """The top layer's output ``[b, T, H]`` and the attention mask ``[b, T]``."""
         hidden, mask = packed[..., :-1], packed[..., -1]
         additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
         out = self.layer(hidden, attention_mask=additive)
-        out = out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out), mask
+
+    def features(self, packed: Tensor) -> Tensor:
+        """Masked mean of the top layer's output: ``[b, H]`` (the classifier's input)."""
+        out, mask = self.top_output(packed)
         return (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+    def cls_features(self, packed: Tensor) -> Tensor:
+        """The top layer's output at the [CLS] token: ``[b, H]``."""
+        return self.top_output(packed)[0][:, 0]
 
     def forward(self, packed: Tensor) -> Tensor:
         return self.classifier(self.features(packed))
@@ -102,6 +110,7 @@ class BertTask(SgdTask):
 
     Config: ClassVar[type] = BertConfig
     influence_parameters: ClassVar[tuple[str, ...]] = ("classifier",)
+    embedding_spaces: ClassVar[tuple[str, ...]] = ("penultimate", "cls")
     trainable_layers: ClassVar[int] = 1
 
     def checkpoint_path(self) -> Path | str:

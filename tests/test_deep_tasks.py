@@ -192,7 +192,7 @@ def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path):
     assert "*noise ceiling*" in (results / "leaderboard.md").read_text()
 
 
-@pytest.mark.parametrize("estimator", ["if-exact", "if-cg"])
+@pytest.mark.parametrize("estimator", ["if-exact", "if-cg", "grad-dot", "gif", "group-if-2"])
 def test_head_view_gives_the_same_influence_as_the_whole_model(estimator):
     from bench.catalog import default_registries
     from estimators.base import FitContext
@@ -211,3 +211,48 @@ def test_head_view_gives_the_same_influence_as_the_whole_model(estimator):
     head.fit(FitContext(view.module, view.params, task.loss, task.l2, view.split(data.train), 0))
     torch.testing.assert_close(head.score(view.split(data.queries), idx), whole.score(data.queries, idx),
                                rtol=1e-3, atol=1e-6)
+
+
+def test_tracin_through_checkpoint_head_views_equals_whole_model_gradients():
+    """TracIn restricted to fc runs the trunk once per checkpoint (head view at that checkpoint);
+    the scores equal the learning-rate-weighted whole-model fc gradient products."""
+    from estimators.autodiff import FlatLoss, per_example_grads
+    from estimators.base import FitContext
+    from estimators.tracin import TracIn
+
+    task = MnistResNet(TINY_RESNET, seed=0)
+    data = task.load_data()
+    base = task.train(data)
+    idx = torch.arange(0, 120, 11)
+    ctx = FitContext(task.build_model(), base.params, task.loss, task.l2, data.train, 0, base.checkpoints,
+                     default_parameters=("fc",), head_view_at=task.head_view)
+    tracin = TracIn()
+    tracin.fit(ctx)
+    expected = 0
+    for checkpoint in base.checkpoints:
+        flat = FlatLoss.of(task.build_model(), checkpoint.params, task.loss, ("fc",))
+        expected = expected + checkpoint.learning_rate * (
+            per_example_grads(flat, data.queries) @ per_example_grads(flat, data.train.subset(idx)).T)
+    torch.testing.assert_close(tracin.score(data.queries, idx), expected.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_bert_offers_cls_features_and_fastif_leaves_the_head_view_for_them(tmp_path):
+    from estimators.fastif import FastIf, FastIfConfig
+
+    model_dir = write_sst2_and_tiny_bert(tmp_path)
+    config = Sst2Config(checkpoint=str(model_dir), data_dir=str(tmp_path), n_train=24, n_test=12, n_queries=4,
+                        max_length=8, epochs=1, batch_size=8)
+    task = Sst2Bert(config, seed=0)
+    data = task.load_data()
+    base = task.train(data)
+    model = task.build_model()
+    cls = task.embed(base.params, data.queries, "cls")
+    pooled = task.embed(base.params, data.queries, "penultimate")
+    with torch.no_grad():
+        top = torch.func.functional_call(model, base.params, (data.queries.inputs,), strict=False)
+    assert cls.shape == pooled.shape == (4, 16) and not torch.allclose(cls, pooled)
+    head = torch.nn.functional.linear(pooled, base.params["classifier.weight"], base.params["classifier.bias"])
+    torch.testing.assert_close(head, top)  # "penultimate" is exactly the classifier's input
+    assert FastIf.runs_on_head_view(FastIfConfig()) and not FastIf.runs_on_head_view(FastIfConfig(features="cls"))
+    with pytest.raises(ValueError, match="unknown feature space 'pooler'"):
+        task.embed(base.params, data.queries, "pooler")

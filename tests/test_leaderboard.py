@@ -24,7 +24,8 @@ def test_markdown_matches_golden_file():
 
 def test_ranking_latest_records_and_failures():
     lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
-    rows = [line for line in lines if line.startswith("| ") and "rank" not in line]
+    first_section = lines.index("## mnist-logreg · loo")
+    rows = [line for line in lines[first_section:] if line.startswith("| ") and "rank" not in line]
     assert rows[0].startswith("| 1 | `if-exact`") and rows[1].startswith("| 2 | `if-lissa`")
     assert rows[2].startswith("| 3 | `random` | 0.020")  # the later of two records for one cell
     assert rows[3].startswith("| – | `if-cg` | failed: score failed: RuntimeError: a \\| b |")
@@ -65,3 +66,12 @@ def test_top_k_overlap_is_hidden_when_trivial():
     records = [dict(r, n_columns=4) for r in ResultsStore(GOLDEN).records()]
     rows = [line for line in render_markdown(records).splitlines() if line.startswith("| 1 |")]
     assert rows and all(row.split("|")[6].strip() == "–" for row in rows)
+
+
+def test_overview_ranks_each_column_and_orders_rows_by_mean_rank():
+    lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
+    start = lines.index("## Overview")
+    table = [line for line in lines[start:lines.index("## mnist-logreg · loo")] if line.startswith("| `")]
+    assert table[0].startswith("| `if-exact` | 1.0 | 0.980 (1) |")
+    assert [row.split("|")[1].strip() for row in table] == ["`if-exact`", "`if-lissa`", "`random`", "`if-cg`"]
+    assert table[-1].split("|")[2].strip() == "–" and "failed" in table[-1]  # no rank where it failed

@@ -16,11 +16,13 @@ noise ceiling (the metric between two ground truths differing only in seed).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.groundtruth.base import GroundTruth, Protocol
@@ -57,37 +59,59 @@ class LeaveOneOutBase(Protocol):
     def n_seeds(self, task: Task) -> int:
         return 1 if task.convex else self.config.seeds
 
-    def reference(self, task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
-        """The parameters Δ is measured against for this seed."""
-        return base.params
+    @staticmethod
+    def reference(task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
+        return base_reference(task, data, base, spec)
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         self.check_task(task)
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
-        model, queries = task.build_model(), data.queries
-        n_seeds = self.n_seeds(task)
-        deltas = np.zeros((n_seeds, len(queries), len(removed)))
-        grad_norms: list[float] = []
-        bar = tqdm(total=n_seeds * len(removed), desc=f"{self.name} retrains [{task.name}]", unit="retrain",
-                   disable=not progress, leave=False)
-        for s in range(n_seeds):
-            spec = RetrainSpec(self.mode, s, self.config.warm_steps, self.config.warm_lr_factor)
-            reference_params = self.reference(task, data, base, spec)  # may train: outside no_grad
-            with torch.no_grad():
-                reference = task.per_example_loss(model, reference_params, queries)
-            for start in range(0, len(removed), self.config.chunk):
-                chunk = removed[start : start + self.config.chunk]
-                for j, result in enumerate(task.retrain_without(data, base, [torch.tensor([i]) for i in chunk], spec)):
-                    with torch.no_grad():
-                        deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference).cpu()
-                    if "grad_norm" in result.diagnostics:
-                        grad_norms.append(result.diagnostics["grad_norm"])
-                bar.update(len(chunk))
-        bar.close()
-        diagnostics = {"seeds": float(n_seeds)}
-        if grad_norms:
-            diagnostics["max_retrain_grad_norm"] = max(grad_norms)
-        return GroundTruth(self.name, removed, deltas[0], diagnostics, deltas[1:] if n_seeds > 1 else None)
+        specs = [RetrainSpec(self.mode, s, self.config.warm_steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
+        deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
+                                              self.reference, chunk=self.config.chunk, progress=progress,
+                                              desc=f"{self.name} retrains [{task.name}]")
+        return GroundTruth(self.name, removed, deltas[0], diagnostics, deltas[1:] if len(specs) > 1 else None)
+
+
+Reference = Callable[[Task, TaskData, TrainedModel, RetrainSpec], Params]
+
+
+def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor], specs: Sequence[RetrainSpec],
+                    reference: Reference, *, chunk: int = 25, progress: bool = True,
+                    desc: str = "retrains") -> tuple[np.ndarray, dict[str, float]]:
+    """``[len(specs), Q, len(removals)]`` query-loss changes: retrained without each removal, under each
+    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run)."""
+    model, queries = task.build_model(), data.queries
+    deltas = np.zeros((len(specs), len(queries), len(removals)))
+    grad_norms: list[float] = []
+    bar = tqdm(total=len(specs) * len(removals), desc=desc, unit="retrain", disable=not progress, leave=False)
+    for s, spec in enumerate(specs):
+        reference_params = reference(task, data, base, spec)  # may train: outside no_grad
+        with torch.no_grad():
+            reference_loss = task.per_example_loss(model, reference_params, queries)
+        for start in range(0, len(removals), chunk):
+            part = list(removals[start : start + chunk])
+            for j, result in enumerate(task.retrain_without(data, base, part, spec)):
+                with torch.no_grad():
+                    deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference_loss).cpu()
+                if "grad_norm" in result.diagnostics:
+                    grad_norms.append(result.diagnostics["grad_norm"])
+            bar.update(len(part))
+    bar.close()
+    diagnostics = {"seeds": float(len({spec.seed for spec in specs}))}
+    if grad_norms:
+        diagnostics["max_retrain_grad_norm"] = max(grad_norms)
+    return deltas, diagnostics
+
+
+def base_reference(task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
+    """The parameters Δ is measured against: θ̂ (exact), the same-seed control run (warm), or the
+    base model of the replicate's seed (scratch)."""
+    if spec.mode == "exact" or (task.convex and spec.mode == "scratch"):  # a convex task's scratch retrain is exact
+        return base.params
+    if spec.mode == "warm":
+        return task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
+    return base.params if spec.seed == 0 else task.train(data, seed=task.replicate_seed(spec.seed)).params
 
 
 @registered("loo")
@@ -108,19 +132,9 @@ class LeaveOneOutWarm(LeaveOneOutBase):
 
     mode: ClassVar[str] = "warm"
 
-    def reference(self, task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
-        if task.convex:
-            return base.params
-        return task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
-
 
 @registered("loo-scratch")
 class LeaveOneOutScratch(LeaveOneOutBase):
     """Retrained from scratch with the same seed and data order minus the point."""
 
     mode: ClassVar[str] = "scratch"
-
-    def reference(self, task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
-        if task.convex or spec.seed == 0:
-            return base.params
-        return task.train(data, seed=task.replicate_seed(spec.seed)).params

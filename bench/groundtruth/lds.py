@@ -1,0 +1,89 @@
+"""Linear datamodeling score (LDS; Park et al., TRAK, ICML 2023).
+
+M random subsets S_m of a fraction α of the training set are drawn from the
+protocol's seed; the model is retrained on each (exactly on convex tasks,
+otherwise warm-started for ``warm_epochs`` against a same-seed control) and the
+query losses measured. An estimator predicts each subset's effect as the
+removal of its complement (group scores, or the sum of single scores). LDS is
+the mean over queries of the Spearman correlation across subsets between
+prediction and actual loss change. With several seeds, the first half of the
+seeds is averaged into the ground truth and the second half into a replicate,
+whose LDS against the first is the noise ceiling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from bench import metrics
+from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings
+from bench.groundtruth.groups import pack_groups, predict_group_removals, retrain_specs, unpack_groups, warm_steps
+from bench.groundtruth.loo import base_reference, retrain_effects
+from bench.registry import registered
+from bench.seeding import rng
+from estimators.base import GROUP, SINGLE
+from tasks.base import Task, TaskData, TrainedModel
+
+
+@dataclass(frozen=True)
+class LdsConfig:
+    """``n_subsets`` subsets of fraction ``alpha``; ``seeds`` retraining seeds (non-convex tasks)."""
+
+    n_subsets: int = 40
+    alpha: float = 0.5
+    seeds: int = 2
+    retrain: str = "warm"
+    warm_epochs: float = 1.0
+    warm_lr_factor: float = 0.1
+    chunk: int = 10
+
+
+def plan_subsets(n_train: int, n_subsets: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """The *removed* complement of each subset (sorted indices), from the seed alone."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"lds: alpha must be in (0, 1), got {alpha}")
+    if n_subsets < 3:
+        raise ValueError(f"lds: n_subsets must be ≥ 3 for a rank correlation, got {n_subsets}")
+    generator = rng(seed, "lds", "subsets")
+    kept = round(alpha * n_train)
+    return [np.sort(generator.permutation(n_train)[kept:]) for _ in range(n_subsets)]
+
+
+@registered("lds")
+class LinearDatamodelingScore(Protocol):
+    """Spearman, per query, across random α-subsets: predicted vs actual loss change."""
+
+    Config: ClassVar[type] = LdsConfig
+    needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP})
+    headline: ClassVar[str] = "lds"
+    columns: ClassVar[tuple[str, ...]] = ("pearson",)
+    column_noun: ClassVar[str] = "subsets"
+
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+        cfg = self.config
+        removed = plan_subsets(len(data.train), cfg.n_subsets, cfg.alpha, self.seed)
+        steps = warm_steps(task, len(data.train) - len(removed[0]), cfg.warm_epochs)
+        specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
+        deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
+                                              base_reference, chunk=cfg.chunk, progress=progress,
+                                              desc=f"lds retrains [{task.name}]")
+        half = (len(deltas) + 1) // 2
+        actual = deltas[:half].mean(0)
+        replicate = deltas[half:].mean(0)[None] if len(deltas) > 1 else None
+        if not task.convex:
+            diagnostics["warm_steps" if cfg.retrain == "warm" else "scratch"] = float(steps)
+        return GroundTruth(self.name, np.array([], dtype=np.int64), actual, diagnostics, replicate, pack_groups(removed))
+
+    def predict(self, ev: Evaluation) -> np.ndarray:
+        return predict_group_removals(ev, unpack_groups(ev.truth.extra))
+
+    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
+        result = CellResult(predicted=predicted, actual=truth.actual)
+        values = metrics.per_query(predicted, truth.actual, settings.top_k)
+        result.add("lds", values["spearman"], settings)
+        result.add("pearson", values["pearson"], settings)
+        return result

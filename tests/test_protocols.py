@@ -1,0 +1,248 @@
+"""The ground-truth protocols beyond leave-one-out, on toy-logreg (exact retraining in milliseconds)."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cli import main
+from bench.groundtruth.base import Evaluation, GroundTruth, Settings
+from bench.groundtruth.groups import GroupRemoval, GroupRemovalConfig, plan_groups, unpack_groups
+from bench.groundtruth.lds import LdsConfig, LinearDatamodelingScore, plan_subsets
+from bench.groundtruth.mislabel import MislabelConfig, MislabelDetection, detection_metrics
+from bench.groundtruth.retrain_length import RetrainLength, RetrainLengthConfig
+from bench.groundtruth.updates import ClassRemoval, ClassRemovalConfig, LabelChange, LabelChangeConfig
+from estimators.base import PARAMETER_UPDATE
+from tasks.logreg import ToyLogReg
+
+SETTINGS = Settings(top_k=5, resamples=50, seed=0)
+
+
+@pytest.fixture(scope="module")
+def toy_task():
+    task = ToyLogReg(ToyLogReg.presets["default"], seed=0)
+    data = task.load_data()
+    return task, data, task.train(data)
+
+
+class RecordingTask(ToyLogReg):
+    """toy-logreg that remembers every removal it was asked to retrain without."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.removed: list[list[int]] = []
+
+    def retrain_without(self, data, base, removals, spec=None):
+        self.removed += [sorted(torch.as_tensor(r).tolist()) for r in removals]
+        return super().retrain_without(data, base, removals, *([spec] if spec else []))
+
+
+GROUP_CONFIG = GroupRemovalConfig(fractions=(0.05, 0.2), groups_per_cell=4, n_clusters=3)
+
+
+def test_group_plan_is_what_gets_removed(toy_task):
+    _, data, base = toy_task
+    task = RecordingTask(ToyLogReg.presets["default"], seed=0)
+    truth = GroupRemoval(GROUP_CONFIG, seed=3).compute(task, data, base, progress=False)
+    groups = unpack_groups(truth.extra)
+    assert task.removed == [g.tolist() for g in groups]  # exactly the planned groups, in order
+    assert truth.actual.shape == (len(data.queries), 3 * 2 * 4)
+    labels = data.train.targets.numpy()
+    for group, kind, fraction in zip(groups, truth.extra["kinds"], truth.extra["fractions"], strict=True):
+        assert len(set(group.tolist())) == len(group)
+        if kind == 1:  # same-class: at most half of the class
+            assert len(set(labels[group])) == 1
+            assert len(group) == min(round(fraction * 60), int((labels == labels[group[0]]).sum()) // 2)
+        else:
+            assert len(group) == round(fraction * 60)
+    again = plan_groups(task, data, base, GROUP_CONFIG, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(again.groups, groups, strict=True))  # from the seed alone
+
+
+def test_cluster_groups_are_coherent_in_feature_space(toy_task):
+    task, data, base = toy_task
+    plan = plan_groups(task, data, base, GroupRemovalConfig(kinds=("random", "cluster"), fractions=(0.2,),
+                                                            groups_per_cell=6, n_clusters=3), seed=0)
+    x = data.train.inputs.numpy()
+
+    def spread(group):
+        return float(np.linalg.norm(x[group] - x[group].mean(0), axis=1).mean())
+
+    random = [spread(g) for g, k in zip(plan.groups, plan.kinds, strict=True) if k == 0]
+    cluster = [spread(g) for g, k in zip(plan.groups, plan.kinds, strict=True) if k == 2]
+    assert np.mean(cluster) < 0.6 * np.mean(random)
+
+
+def test_group_metrics_on_constructed_cases():
+    rng = np.random.default_rng(0)
+    kinds = np.repeat([0, 1, 2], 4)
+    actual = rng.normal(size=(5, 12))
+    truth = GroundTruth("group", np.array([]), actual, extra={"kinds": np.repeat([0, 1, 2], 4),
+                                                               "fractions": np.tile([0.1, 0.1, 0.3, 0.3], 3)})
+    with pytest.raises(ValueError, match="at least 3 groups"):
+        GroupRemoval(GROUP_CONFIG, seed=0).measure(actual, truth, SETTINGS)  # only 2 groups per cell
+    truth = GroundTruth("group", np.array([]), actual, extra={"kinds": kinds, "fractions": np.full(12, 0.3)})
+    protocol = GroupRemoval(GROUP_CONFIG, seed=0)
+    perfect = protocol.measure(3 * actual + 1, truth, SETTINGS).metrics
+    assert perfect["pearson"] == pytest.approx(1.0) and perfect["pearson_cluster"] == pytest.approx(1.0)
+    flipped = protocol.measure(-actual, truth, SETTINGS).metrics
+    assert flipped["pearson_coherent_large"] == pytest.approx(-1.0)
+
+
+def test_lds_subsets_and_metric(toy_task):
+    _, data, base = toy_task
+    removed = plan_subsets(60, 10, 0.5, seed=1)
+    assert all(len(r) == 30 for r in removed) and len({tuple(r) for r in removed}) == 10
+    task = RecordingTask(ToyLogReg.presets["default"], seed=0)
+    truth = LinearDatamodelingScore(LdsConfig(n_subsets=10), seed=1).compute(task, data, base, progress=False)
+    assert task.removed == [r.tolist() for r in removed]
+    protocol = LinearDatamodelingScore(LdsConfig(n_subsets=10), seed=1)
+    monotone = protocol.measure(np.exp(truth.actual * 5), truth, SETTINGS).metrics
+    assert monotone["lds"] == pytest.approx(1.0)  # a rank correlation: any increasing map is perfect
+    assert monotone["pearson"] < 1.0
+    with pytest.raises(ValueError, match="alpha must be in"):
+        plan_subsets(60, 10, 1.0, seed=0)
+
+
+class FixedUpdate:
+    """A stand-in estimator whose update is given (to test the protocol's arithmetic)."""
+
+    capabilities = frozenset({PARAMETER_UPDATE})
+
+    def __init__(self, delta):
+        self.delta = delta
+
+    def update(self, removed, new_targets=None):
+        return self.delta
+
+
+def evaluation(estimator, truth, task, data, base):
+    return Evaluation(estimator, data.queries, truth, task, data, base, lambda update: update, SETTINGS)
+
+
+@pytest.mark.parametrize("protocol", [ClassRemoval(ClassRemovalConfig(target_class=1), seed=0),
+                                      LabelChange(LabelChangeConfig(fraction=0.1), seed=0)])
+def test_update_protocols_score_the_retrained_and_unchanged_models_as_recorded(toy_task, protocol):
+    task, data, base = toy_task
+    truth = protocol.compute(task, data, base, progress=False)
+    retrained = {n: torch.as_tensor(truth.extra[f"retrained.{n}"]) for n in base.params}
+    exact = protocol.evaluate(evaluation(FixedUpdate({n: retrained[n] - base.params[n] for n in base.params}),
+                                         truth, task, data, base)).metrics
+    assert exact["param_distance"] == pytest.approx(0.0, abs=1e-12)
+    assert exact["f1"] == pytest.approx(truth.diagnostics["retrained_f1"])
+    nothing = protocol.evaluate(evaluation(FixedUpdate({}), truth, task, data, base)).metrics
+    assert nothing["param_distance"] == pytest.approx(1.0) and nothing["f1"] == truth.diagnostics["original_f1"]
+    changed = truth.extra["changed"]
+    if isinstance(protocol, ClassRemoval):
+        assert set(data.train.targets[changed].tolist()) == {1} and len(changed) == int((data.train.targets == 1).sum())
+        assert truth.diagnostics["retrained_forget"] > 0.8  # the retrained model has forgotten class 1
+    else:
+        assert len(changed) == 6 and len(set(truth.extra["new_labels"].tolist())) == 1
+        assert not set(truth.extra["new_labels"].tolist()) & set(data.train.targets[changed].tolist())
+
+
+def test_mislabel_flips_and_detection_metrics(toy_task):
+    task, data, base = toy_task
+    truth = MislabelDetection(MislabelConfig(fraction=0.1), seed=0).compute(task, data, base, progress=False)
+    noisy, labels = truth.extra["noisy_labels"], data.train.targets.numpy()
+    assert np.flatnonzero(noisy != labels).tolist() == truth.extra["flipped"].tolist() and len(truth.extra["flipped"]) == 6
+    assert truth.model is not None and not torch.equal(truth.model.params["weight"], base.params["weight"])
+    is_flipped = np.zeros(100, dtype=bool)
+    is_flipped[:10] = True
+    perfect = detection_metrics(np.linspace(1, 0, 100), is_flipped)
+    assert perfect == {"auc": 1.0, "found@10%": 1.0, "found@20%": 1.0, "found@30%": 1.0}
+    reversed_ = detection_metrics(np.linspace(0, 1, 100), is_flipped)
+    assert reversed_["auc"] == 0.0 and reversed_["found@30%"] == 0.0
+    assert detection_metrics(np.r_[np.zeros(5), np.ones(95)], is_flipped)["found@10%"] == pytest.approx(0.5)
+
+
+def test_retrain_length_measures_each_length_separately(toy_task):
+    task, data, base = toy_task
+    protocol = RetrainLength(RetrainLengthConfig(n_removed=8, steps=(3, 30), seeds=2), seed=0)
+    truth = protocol.compute(task, data, base, progress=False)
+    assert truth.actual.shape == (len(data.queries), 16) and truth.replicates.shape == (1, len(data.queries), 16)
+    short, long_ = truth.actual[:, :8], truth.actual[:, 8:]
+    assert np.abs(long_).mean() > np.abs(short).mean()  # longer retraining moves further from θ̂
+    predicted = np.concatenate([short * 2, -long_], axis=1)
+    metrics = protocol.measure(predicted, truth, SETTINGS).metrics
+    assert metrics["pearson@T=3"] == pytest.approx(1.0) and metrics["pearson@T=30"] == pytest.approx(-1.0)
+    assert metrics["pearson"] == pytest.approx(0.0, abs=1e-9)
+
+
+SUITE = textwrap.dedent("""
+    name = "toy-protocols"
+    seed = 0
+    threads = 1
+    bootstrap_resamples = 50
+    estimators = ["if-exact", "group-if-2", "tracin", "gif", "random"]
+
+    [[tasks]]
+    name = "toy-logreg"
+    preset = "default"
+
+    [[protocols]]
+    name = "group"
+    fractions = [0.05, 0.25]
+    groups_per_cell = 4
+    n_clusters = 3
+
+    [[protocols]]
+    name = "lds"
+    n_subsets = 8
+
+    [[protocols]]
+    name = "class-removal"
+
+    [[protocols]]
+    name = "mislabel"
+""")
+
+
+def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeypatch):
+    suite, results = tmp_path / "suite.toml", tmp_path / "results"
+    suite.write_text(SUITE)
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    records = {(r["protocol"], r["estimator"]): r for r in map(json.loads, (results / "records.jsonl").read_text().splitlines())}
+    assert len(records) == 4 * 5
+    assert records["group", "group-if-2"]["status"] == "ok" and records["group", "tracin"]["status"] == "ok"
+    assert records["class-removal", "tracin"]["status"] == "not-applicable"
+    assert records["mislabel", "gif"]["status"] == "not-applicable" and records["mislabel", "tracin"]["status"] == "ok"
+    assert records["group", "if-exact"]["metrics"]["pearson"] > 0.8 > records["group", "random"]["metrics"]["pearson"]
+    assert records["class-removal", "gif"]["metrics"]["param_distance"] < 1.5
+    board = (results / "leaderboard.md").read_text()
+    assert "## Overview" in board and "## toy-logreg · mislabel" in board and "Not applicable" in board
+
+    computed = []
+    original = GroupRemoval.compute
+
+    def counting(self, *args, **kwargs):
+        computed.append(self.config)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroupRemoval, "compute", counting)
+    lines = len((results / "records.jsonl").read_text().splitlines())
+    suite.write_text(SUITE.replace('estimators = ["if-exact", "group-if-2", "tracin", "gif", "random"]',
+                                   'estimators = ["if-exact", "group-if-1"]'))
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    assert computed == []  # the cached group ground truth is reused for the new estimator
+    assert len((results / "records.jsonl").read_text().splitlines()) == lines + 4
+    suite.write_text(SUITE.replace("groups_per_cell = 4", "groups_per_cell = 3"))
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    assert [c.groups_per_cell for c in computed] == [3]  # a changed setting makes a new one
+
+
+def test_protocol_models_are_cached_with_their_ground_truth(tmp_path):
+    """mislabel trains its own model; a re-run with a new estimator reuses it (no retraining)."""
+    suite, results = tmp_path / "suite.toml", tmp_path / "results"
+    text = SUITE.split("[[protocols]]")[0] + '[[protocols]]\nname = "mislabel"\n'
+    suite.write_text(text)
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    first = {r["estimator"]: r for r in map(json.loads, (results / "records.jsonl").read_text().splitlines())}
+    suite.write_text(text.replace('"random"]', '"random", "grad-dot"]'))
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    grad_dot = records[-1]
+    assert grad_dot["estimator"] == "grad-dot" and grad_dot["status"] == "ok"
+    assert grad_dot["groundtruth_diagnostics"]["seconds"] == first["tracin"]["groundtruth_diagnostics"]["seconds"]
