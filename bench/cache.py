@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +107,23 @@ def pack_trained(base: TrainedModel, task_name: str) -> tuple[dict[str, torch.Te
     for i, checkpoint in enumerate(base.checkpoints):
         tensors.update({f"checkpoint.{i}.{name}": value for name, value in checkpoint.params.items()})
     meta = {
-        "task": task_name, "diagnostics": base.diagnostics,
+        "task": task_name, "diagnostics": base.diagnostics, "order": list(base.params),
         "checkpoints": [{"learning_rate": c.learning_rate, "step": c.step} for c in base.checkpoints],
     }
     return tensors, meta
 
 
+def in_order(params: dict[str, torch.Tensor], order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``params`` with the names in ``order`` first, in that order, then the rest as they were."""
+    return {**{name: params[name] for name in order if name in params}, **params}
+
+
 def unpack_trained(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, device: torch.device) -> TrainedModel:
-    """Inverse of :func:`pack_trained`, on ``device``."""
+    """Inverse of :func:`pack_trained`, on ``device``. Parameters come back in their original order
+    (safetensors sorts names; flattened-parameter conventions such as a task's closed-form Hessian
+    depend on the order)."""
     params = {k: v.to(device) for k, v in tensors.items() if not k.startswith("checkpoint.")}
+    params = in_order(params, meta.get("order", ()))
     checkpoints = tuple(
         Checkpoint({k.split(".", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"checkpoint.{i}.")},
                    info["learning_rate"], info["step"])

@@ -135,12 +135,13 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     top_k = head.get("top_k", 10)
     headline, columns = _headline(head), _columns(head)
     hide_top_k = (head.get("n_columns") or top_k + 1) <= top_k  # trivially 1: every column is in the top k
+    ci_note = " (95% CI)" if any(r.get("ci", {}).get(headline) for r in group) else ""
     lines = [
         f"## {task} · {protocol}",
         "",
         "; ".join(_facts(head)) + ".",
         "",
-        f"| rank | estimator | {_title(headline, top_k)} (95% CI) | "
+        f"| rank | estimator | {_title(headline, top_k)}{ci_note} | "
         + " | ".join(_title(c, top_k) for c in columns) + " | fit s | score s | peak MB |",
         "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|",
     ]

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import environment
-from bench.cache import ArtifactCache, load_or_none, pack_trained, unpack_trained
+from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, unpack_trained
 from bench.catalog import Registries
 from bench.config import ComponentSpec, ConfigError, SuiteConfig, make_config
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
@@ -181,8 +181,10 @@ class Runner:
 
     def _base_model(self, task: Task, data: TaskData, task_key: str) -> TrainedModel:
         cached = load_or_none(self.cache.load_model, task_key)
-        if cached is not None:
-            return unpack_trained(*cached, device=self.device)
+        if cached is not None:  # caches written before the order was recorded: the model's own order
+            base = unpack_trained(*cached, device=self.device)
+            base.params = in_order(base.params, [name for name, _ in task.build_model().named_parameters()])
+            return base
         log.info("training %s (cache key %s)", task.name, task_key)
         with profiled(self.device) as prof:
             base = task.train(data)
@@ -201,9 +203,11 @@ class Runner:
         if cached is not None and (model is not None or not cached[1].get("has_model")):
             arrays, meta = cached
             extra = {k.removeprefix("extra."): v for k, v in arrays.items() if k.startswith("extra.")}
+            own_model = unpack_trained(*model, device=self.device) if model is not None else None
+            if own_model is not None:
+                own_model.params = in_order(own_model.params, [name for name, _ in task.build_model().named_parameters()])
             return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"],
-                               arrays.get("replicates"), extra,
-                               unpack_trained(*model, device=self.device) if model is not None else None)
+                               arrays.get("replicates"), extra, own_model)
         protocol = self._protocol(protocol_plan)
         with profiled(self.device) as prof:
             truth = protocol.compute(task, data, base, progress=self.progress)

@@ -122,7 +122,8 @@ def dense_hessian(flat: FlatLoss, ctx: FitContext, damping: float, max_parameter
     if flat.size > max_parameters:
         raise NotApplicable(f"{flat.size:,} parameters exceed max_parameters={max_parameters:,} "
                             "for an explicit Hessian; restrict 'parameters' or use an iterative solver")
-    use_fast_path = ctx.exact_hessian is not None and flat.names == tuple(ctx.params)
+    model_order = tuple(name for name, _ in ctx.model.named_parameters())  # the closed form's flattening order
+    use_fast_path = ctx.exact_hessian is not None and flat.names == tuple(ctx.params) == model_order
     hessian = ctx.exact_hessian() if use_fast_path else full_hessian(flat, ctx.train, ctx.l2)
     info["closed_form_hessian"] = float(use_fast_path)
     if damping:

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from bench.cli import main
 
@@ -161,3 +162,37 @@ def test_bad_option_and_preset_are_clear_errors(tmp_path, capsys):
     bad.write_text(SUITE + "\n[estimator_options.if-cg]\ntoll = 1e-3\n")
     assert main(["run", "--suite", str(bad), "--results", str(tmp_path / "r")]) == 2
     assert "Did you mean 'tol'" in capsys.readouterr().err
+
+
+def test_a_cached_model_keeps_its_parameter_order(tmp_path):
+    """safetensors sorts names; the closed-form Hessian flattens in model order (weight, bias). A re-run
+    that loads θ̂ from the cache must give if-exact the same scores as the run that trained it."""
+    from bench.cache import pack_trained, unpack_trained
+    from estimators.base import FitContext
+    from estimators.influence import ExactInfluence
+    from tasks.logreg import ToyLogReg
+
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SUITE.replace('name = "toy"', 'name = "toy"\nestimators = ["if-exact"]'))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["run", "--suite", str(suite), "--results", str(first), "--no-progress"]) == 0
+    import shutil
+
+    shutil.copytree(first / "cache", second / "cache")  # θ̂ and the ground truth come from the cache
+    assert main(["run", "--suite", str(suite), "--results", str(second), "--no-progress"]) == 0
+    metrics = [json.loads((d / "records.jsonl").read_text().splitlines()[0])["metrics"] for d in (first, second)]
+    assert metrics[0] == metrics[1]
+
+    task = ToyLogReg(ToyLogReg.presets["default"], seed=0)
+    data = task.load_data()
+    base = task.train(data)
+    restored = unpack_trained(*pack_trained(base, task.name), device="cpu")
+    assert list(restored.params) == list(base.params) == ["weight", "bias"]
+    shuffled = {"bias": base.params["bias"], "weight": base.params["weight"]}  # an order the closed form does not use
+    scores = []
+    for params in (base.params, shuffled):
+        estimator = ExactInfluence()
+        estimator.fit(FitContext(task.build_model(), params, task.loss, task.l2, data.train, 0,
+                                 exact_hessian=lambda p=params: task.exact_hessian(p, data)))
+        scores.append(estimator.score(data.queries, torch.arange(10)))
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-6, atol=1e-9)
