@@ -162,6 +162,15 @@ def test_bad_option_and_preset_are_clear_errors(tmp_path, capsys):
     bad.write_text(SUITE + "\n[estimator_options.if-cg]\ntoll = 1e-3\n")
     assert main(["run", "--suite", str(bad), "--results", str(tmp_path / "r")]) == 2
     assert "Did you mean 'tol'" in capsys.readouterr().err
+    narrowed = ["run", "--suite", str(bad), "--results", str(tmp_path / "r"), "--estimators", "random"]
+    assert main(narrowed) == 2 and "Did you mean 'tol'" in capsys.readouterr().err  # checked even when not run
+    bad.write_text(SUITE + "\n[estimator_options.if-cgg]\ntol = 1e-3\n")
+    assert main(["run", "--suite", str(bad), "--results", str(tmp_path / "r")]) == 2
+    assert "unknown estimator 'if-cgg'" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text(SUITE + "\n[estimator_options.if-cg]\ntol = 1e-3\n")
+    assert main(["run", "--suite", str(good), "--results", str(tmp_path / "ok"), "--estimators", "random",
+                 "--no-progress"]) == 0  # the suite's options for estimators left out are no obstacle
 
 
 def test_a_cached_model_keeps_its_parameter_order(tmp_path):
