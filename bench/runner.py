@@ -185,7 +185,7 @@ class Runner:
         cached = load_or_none(self.cache.load_model, task_key)
         if cached is not None:  # caches written before the order was recorded: the model's own order
             base = unpack_trained(*cached, device=self.device)
-            base.params = in_order(base.params, [name for name, _ in task.build_model().named_parameters()])
+            base.params = in_order(base.params, _model_order(task))
             return base
         log.info("training %s (cache key %s)", task.name, task_key)
         with profiled(self.device) as prof:
@@ -207,7 +207,7 @@ class Runner:
             extra = {k.removeprefix("extra."): v for k, v in arrays.items() if k.startswith("extra.")}
             own_model = unpack_trained(*model, device=self.device) if model is not None else None
             if own_model is not None:
-                own_model.params = in_order(own_model.params, [name for name, _ in task.build_model().named_parameters()])
+                own_model.params = in_order(own_model.params, _model_order(task))
             return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"],
                                arrays.get("replicates"), extra, own_model)
         protocol = self._protocol(protocol_plan)
@@ -342,6 +342,11 @@ class Fitted:
     lift: Callable[[Params], Params]
     data: TaskData
     base: TrainedModel
+
+
+def _model_order(task: Task) -> list[str]:
+    """The task model's parameter names in its own order (caches written before the order was recorded)."""
+    return [name for name, _ in task.build_model().named_parameters()]
 
 
 def _identity(update: Params) -> Params:

@@ -94,8 +94,11 @@ class TargetedInfluence(Estimator):
     def select(self, examined: Split, grads: Tensor, key: tuple[int, ...]) -> Tensor:
         """Flat indices of S for one examined set (its per-example gradients ``grads [m, P]``)."""
         if self.config.rule == "random":
-            return take_best(random_scores(self.flat.size, self.ctx.seed, key), None, None, self.budget)
-        scores = unit_scores(self.flat, examined, grads, self.config.rule, self.units).mean(0)
+            return self.best(random_scores(self.flat.size, self.ctx.seed, key))
+        return self.best(unit_scores(self.flat, examined, grads, self.config.rule, self.units).mean(0))
+
+    def best(self, scores: Tensor) -> Tensor:
+        """Flat indices of the best units under ``scores [U]`` within the parameter budget."""
         if self.units is None:
             return take_best(scores, None, None, self.budget)
         return take_best(scores, self.units.sizes, self.units.unit_of, self.budget)
@@ -109,9 +112,14 @@ class TargetedInfluence(Estimator):
         return full
 
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
-        grads = self.grads(self.ctx.train.subset(train_idx))
-        selections = [self.select(self.ctx.train.subset([i]), grads[j : j + 1], (i,)).to(grads.device)
-                      for j, i in enumerate(train_idx.tolist())]
+        points = self.ctx.train.subset(train_idx)
+        grads = self.grads(points)
+        if self.config.rule == "random":
+            selections = [self.select(points, grads, (i,)) for i in train_idx.tolist()]
+        else:  # each point is its own examined set: per-example unit scores in one pass, one row per point
+            per_point = unit_scores(self.flat, points, grads, self.config.rule, self.units)
+            selections = [self.best(row) for row in per_point]
+        selections = [chosen.to(grads.device) for chosen in selections]
         return (self.grads(queries).double() @ self.steps(grads / self.ctx.n_train, selections).T).float()
 
     def update(self, removed: Tensor, new_targets: Tensor | None = None) -> Params:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from bench import metrics
 from estimators.base import SINGLE, Estimator
@@ -142,15 +143,11 @@ class Protocol(ABC):
 
 
 def _train_idx(ev: Evaluation) -> Any:
-    import torch
-
     return torch.as_tensor(ev.truth.train_idx, dtype=torch.long, device=ev.data.train.targets.device)
 
 
 def validate_scores(scores: Any, shape: tuple[int, ...]) -> str | None:
     """Why a score array is unusable, or None if it is fine."""
-    import torch
-
     if not isinstance(scores, torch.Tensor):
         return f"score() must return a torch.Tensor, got {type(scores).__name__}"
     if tuple(scores.shape) != tuple(shape):

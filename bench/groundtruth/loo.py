@@ -59,16 +59,12 @@ class LeaveOneOutBase(Protocol):
     def n_seeds(self, task: Task) -> int:
         return 1 if task.convex else self.config.seeds
 
-    @staticmethod
-    def reference(task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
-        return base_reference(task, data, base, spec)
-
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         self.check_task(task)
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
         specs = [RetrainSpec(self.mode, s, self.config.warm_steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
         deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
-                                              self.reference, chunk=self.config.chunk, progress=progress,
+                                              base_reference, chunk=self.config.chunk, progress=progress,
                                               desc=f"{self.name} retrains [{task.name}]")
         return GroundTruth(self.name, removed, deltas[0], diagnostics, deltas[1:] if len(specs) > 1 else None)
 
