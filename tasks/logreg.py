@@ -219,7 +219,9 @@ class LogRegTask(Task):
             def matvec(vecs: Tensor, at: Tensor = thetas) -> Tensor:
                 return objective_hvps(at, vecs, train.inputs, train.targets, weights, len(train), self.l2)
 
-            delta, _ = conjugate_gradient(matvec, grads, tol=1e-8, max_iter=200, precondition=precondition)
+            forcing = min(0.1, float(norms.max()) ** 0.5)  # Eisenstat–Walker-style: loose far away, tight near θ*
+            delta, info = conjugate_gradient(matvec, grads, tol=forcing, max_iter=200, precondition=precondition)
+            self._cg_iterations = getattr(self, "_cg_iterations", 0) + info.iterations
             thetas = thetas - delta
         raise RuntimeError(
             f"{self.name}: retraining did not reach ‖∇J‖ ≤ {self.config.grad_tol:g} in "
