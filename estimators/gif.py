@@ -78,7 +78,20 @@ class TargetedInfluence(Estimator):
         """Query-independent factorisations."""
 
     def solve(self, rhs: Tensor, chosen: list[Tensor]) -> list[Tensor]:
-        """``x_S`` (float64) for each right-hand side ``rhs [R, P]`` and its selection ``chosen[r]``."""
+        """``x_S`` (float64) for each right-hand side ``rhs [R, P]`` and its selection ``chosen[r]``.
+
+        Rows that share a selection (neuron rules repeat a few) are solved together in one call."""
+        solutions: list[Tensor] = [rhs.new_empty(0)] * len(chosen)
+        shared: dict[bytes, tuple[Tensor, list[int]]] = {}
+        for row, selection in enumerate(chosen):
+            shared.setdefault(selection.cpu().numpy().tobytes(), (selection, []))[1].append(row)
+        for selection, rows in shared.values():
+            for row, solution in zip(rows, self.solve_shared(rhs[rows], selection), strict=True):
+                solutions[row] = solution
+        return solutions
+
+    def solve_shared(self, rhs: Tensor, chosen: Tensor) -> Tensor:
+        """``[R, |S|]``: x_S for right-hand sides ``rhs [R, P]`` that share the selection ``chosen``."""
         raise NotImplementedError
 
     def factor_for(self, chosen: Tensor, matrix: Callable[[Tensor], Tensor]) -> Tensor:
@@ -138,24 +151,23 @@ class TargetedInfluence(Estimator):
 class GeneralizedInfluence(TargetedInfluence):
     """GIF: moves only S, nullifying the gradient change on the fixed parameters (least squares)."""
 
-    def solve(self, rhs: Tensor, chosen: list[Tensor]) -> list[Tensor]:
+    def solve_shared(self, rhs: Tensor, chosen: Tensor) -> Tensor:
         def normal(s: Tensor) -> Tensor:  # H_{S,:} H_{:,S}
             columns = self.hessian[:, s]
             return columns.T @ columns
 
-        return [torch.cholesky_solve((self.hessian[s] @ r)[:, None], self.factor_for(s, normal))[:, 0]
-                for r, s in zip(rhs, chosen, strict=True)]
+        return torch.cholesky_solve(self.hessian[chosen] @ rhs.T, self.factor_for(chosen, normal)).T
 
 
 @registered("fif")
 class FrozenInfluence(TargetedInfluence):
     """FIF: influence with every parameter outside S frozen, x_S = H_SS⁻¹ g_S."""
 
-    def solve(self, rhs: Tensor, chosen: list[Tensor]) -> list[Tensor]:
+    def solve_shared(self, rhs: Tensor, chosen: Tensor) -> Tensor:
         def block(s: Tensor) -> Tensor:
             return self.hessian[s][:, s]
 
-        return [torch.cholesky_solve(r[s][:, None], self.factor_for(s, block))[:, 0] for r, s in zip(rhs, chosen, strict=True)]
+        return torch.cholesky_solve(rhs[:, chosen].T, self.factor_for(chosen, block)).T
 
 
 @registered("pif")
