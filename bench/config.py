@@ -211,9 +211,25 @@ def with_overrides(suite: SuiteConfig, **overrides: Any) -> SuiteConfig:
         if key in given:
             by_name = {spec.name: spec for spec in getattr(suite, key)}
             given[key] = tuple(by_name.get(n, ComponentSpec.of(n)) for n in given[key])
+    if "protocols" in given:
+        given["tasks"] = _narrow_task_protocols(given.get("tasks", suite.tasks), [p.name for p in given["protocols"]])
     if "estimators" in given:
         given["estimators"] = tuple(given["estimators"])
     return validate_suite(dataclasses.replace(suite, **given))
+
+
+def _narrow_task_protocols(tasks: tuple[ComponentSpec, ...], chosen: list[str]) -> tuple[ComponentSpec, ...]:
+    """Keep each task's own protocol list, narrowed to ``chosen``; drop tasks left with none of them."""
+    kept = []
+    for spec in tasks:
+        if not spec.protocols:
+            kept.append(spec)
+        elif narrowed := tuple(p for p in spec.protocols if p in chosen):
+            kept.append(dataclasses.replace(spec, protocols=narrowed))
+    if not kept:
+        lists = "; ".join(f"{t.name}: {', '.join(t.protocols)}" for t in tasks)
+        raise ConfigError(f"no task of the run has protocol(s) {', '.join(chosen)} in its list ({lists})")
+    return tuple(kept)
 
 
 @dataclass(frozen=True)

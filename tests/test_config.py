@@ -40,3 +40,15 @@ def test_cli_overrides_and_device_validation():
     assert with_overrides(suite, seed=3, estimators=["random"]).seed == 3
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         with_overrides(suite, device="tpu")
+
+
+def test_protocols_override_narrows_each_tasks_own_list():
+    suite = load_suite("default")
+    narrowed = with_overrides(suite, protocols=["group"])
+    assert [t.name for t in narrowed.tasks] == ["mnist-logreg", "mnist-resnet"]  # rt-bert runs no group
+    assert all(t.protocols == ("group",) for t in narrowed.tasks)
+    assert [p.name for p in narrowed.protocols] == ["group"]
+    both = with_overrides(suite, tasks=["rt-bert"], protocols=["lds", "loo"])
+    assert both.tasks[0].protocols == ("lds",)
+    with pytest.raises(ConfigError, match="no task of the run has protocol"):
+        with_overrides(suite, tasks=["rt-bert"], protocols=["group"])
