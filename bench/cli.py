@@ -68,9 +68,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["IFBENCH_DATA_DIR"] = str(args.data_dir)
     suite = load_suite(args.suite)
+    registries = default_registries(args.plugin)
+    registries.protocols.check(_names(args.protocols) or ())  # a typo gets "did you mean" before tasks are narrowed
     suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
                            estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads)
-    plan = plan_suite(suite, default_registries(args.plugin))  # validates everything before any write
+    plan = plan_suite(suite, registries)  # validates everything before any write
     results = args.results or Path("results") / suite.name
     print(f"ifbench: suite {suite.name!r} · {len(plan.tasks)} task(s) × {len(plan.protocols)} protocol(s) × "
           f"{len(plan.estimators)} estimator(s) → {results}", file=sys.stderr)
