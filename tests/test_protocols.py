@@ -14,7 +14,7 @@ from bench.groundtruth.lds import LdsConfig, LinearDatamodelingScore, plan_subse
 from bench.groundtruth.mislabel import MislabelConfig, MislabelDetection, detection_metrics
 from bench.groundtruth.retrain_length import RetrainLength, RetrainLengthConfig
 from bench.groundtruth.updates import ClassRemoval, ClassRemovalConfig, LabelChange, LabelChangeConfig
-from estimators.base import PARAMETER_UPDATE
+from estimators.base import PARAMETER_UPDATE, SINGLE
 from tasks.logreg import ToyLogReg
 
 SETTINGS = Settings(top_k=5, resamples=50, seed=0)
@@ -169,6 +169,36 @@ def test_retrain_length_measures_each_length_separately(toy_task):
     metrics = protocol.measure(predicted, truth, SETTINGS).metrics
     assert metrics["pearson@T=3"] == pytest.approx(1.0) and metrics["pearson@T=30"] == pytest.approx(-1.0)
     assert metrics["pearson"] == pytest.approx(0.0, abs=1e-9)
+
+
+
+class FixedScores:
+    """A stand-in single-score estimator: ``score`` returns the given columns of a fixed matrix."""
+
+    capabilities = frozenset({SINGLE})
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def score(self, queries, train_idx):
+        return torch.as_tensor(self.matrix[:, train_idx.numpy()])
+
+
+def test_retrain_length_groups_are_what_gets_removed_and_are_scored_by_sums(toy_task):
+    _, data, base = toy_task
+    task = RecordingTask(ToyLogReg.presets["default"], seed=0)
+    config = RetrainLengthConfig(n_removed=5, group_size=6, steps=(3, 30), seeds=2)
+    truth = RetrainLength(config, seed=4).compute(task, data, base, progress=False)
+    groups = [g.tolist() for g in unpack_groups(truth.extra)]
+    assert len(groups) == 5 and all(len(set(g)) == 6 for g in groups)
+    assert [r for r in task.removed if r] == groups * 4  # every planned group, for each T and seed, nothing else
+    assert truth.actual.shape == (len(data.queries), 10) and truth.train_idx.size == 0
+    single = np.random.default_rng(0).normal(size=(len(data.queries), len(data.train)))
+    predicted = RetrainLength(config, seed=4).predict(evaluation(FixedScores(single), truth, task, data, base))
+    sums = np.stack([single[:, g].sum(1) for g in groups], axis=1)
+    np.testing.assert_allclose(predicted, np.concatenate([sums, sums], axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="group_size must be in"):
+        RetrainLength(RetrainLengthConfig(group_size=60), seed=0).compute(task, data, base, progress=False)
 
 
 SUITE = textwrap.dedent("""

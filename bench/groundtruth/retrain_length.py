@@ -1,9 +1,12 @@
 """Agreement as a function of retraining length (Schioppa et al., NeurIPS 2023).
 
-Leave-one-out effects are measured after warm-started retraining from θ̂ for each
-of several lengths T (in SGD steps, against a same-seed control run of the same
-length), for the same removed points. The estimator's single scores are
-compared with each T separately; the headline is the mean over T.
+Removal effects are measured after warm-started retraining from θ̂ for each of
+several lengths T (in SGD steps, against a same-seed control run of the same
+length), for the same removals: single points (``group_size = 1``, leave-one-out)
+or seeded random groups, whose larger effects rise above the retraining noise of
+deep models. Predictions are the estimator's single scores (summed over a group,
+or its group scores), compared with each T separately; the headline is the mean
+over T.
 """
 
 from __future__ import annotations
@@ -16,21 +19,37 @@ import numpy as np
 import torch
 
 from bench import metrics
-from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings, checked
+from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings
+from bench.groundtruth.groups import pack_groups, predict_group_removals, unpack_groups
 from bench.groundtruth.loo import base_reference, plan_removals, retrain_effects
 from bench.registry import registered
+from bench.seeding import rng
+from estimators.base import GROUP, SINGLE
 from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
 
 
 @dataclass(frozen=True)
 class RetrainLengthConfig:
-    """``steps``: the retraining lengths T swept; ``seeds`` for the noise ceiling."""
+    """``steps``: the retraining lengths T swept; ``n_removed`` removals of ``group_size`` random points
+    each (1: leave-one-out); ``seeds`` for the noise ceiling."""
 
     n_removed: int = 30
+    group_size: int = 1
     steps: tuple[int, ...] = (25, 100, 400)
     seeds: int = 2
     lr_factor: float = 0.1
     chunk: int = 10
+
+
+def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int) -> list[np.ndarray]:
+    """``n_removed`` sorted index arrays: single points (``group_size = 1``, as ``loo`` plans them) or random
+    groups of ``group_size`` distinct points, from the seed alone."""
+    if group_size == 1:
+        return [np.array([i]) for i in plan_removals(n_train, n_removed, seed)]
+    if not 1 < group_size < n_train:
+        raise ValueError(f"retrain-length: group_size must be in 1..{n_train - 1}, got {group_size}")
+    generator = rng(seed, "retrain-length", "groups")
+    return [np.sort(generator.choice(n_train, group_size, replace=False)) for _ in range(n_removed)]
 
 
 def _label(steps: int) -> str:
@@ -42,8 +61,10 @@ class RetrainLength(Protocol):
     """Leave-one-out after T warm-started SGD steps, for several T."""
 
     Config: ClassVar[type] = RetrainLengthConfig
+    version: ClassVar[str] = "2"  # 2: removals stored as groups (group_size)
+    needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP})
     headline: ClassVar[str] = "pearson"
-    column_noun: ClassVar[str] = "(removed point, T) pairs"
+    column_noun: ClassVar[str] = "(removal, T) pairs"
 
     @property
     def columns(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -53,28 +74,26 @@ class RetrainLength(Protocol):
         cfg = self.config
         if not cfg.steps or min(cfg.steps) < 1:
             raise ValueError(f"retrain-length: steps must be positive step counts, got {list(cfg.steps)}")
-        removed = plan_removals(len(data.train), cfg.n_removed, self.seed)
+        groups = plan_removal_groups(len(data.train), cfg.n_removed, cfg.group_size, self.seed)
         blocks, diagnostics = [], {}
         for steps in cfg.steps:
             specs = [RetrainSpec("warm", s, steps, cfg.lr_factor) for s in range(cfg.seeds)]
-            deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
+            deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
                                                   base_reference, chunk=cfg.chunk, progress=progress,
                                                   desc=f"retrain-length T={steps} [{task.name}]")
             blocks.append(deltas)
         stacked = np.concatenate(blocks, axis=2)  # [S, Q, T·R], T-major
-        extra = {"steps": np.array(cfg.steps), "removed": removed}
-        return GroundTruth(self.name, np.tile(removed, len(cfg.steps)), stacked[0], diagnostics,
-                           stacked[1:] if cfg.seeds > 1 else None, extra)
+        extra = {"steps": np.array(cfg.steps), **pack_groups(groups)}
+        columns = np.tile(np.concatenate(groups), len(cfg.steps)) if cfg.group_size == 1 else np.array([], dtype=np.int64)
+        return GroundTruth(self.name, columns, stacked[0], diagnostics, stacked[1:] if cfg.seeds > 1 else None, extra)
 
     def predict(self, ev: Evaluation) -> np.ndarray:
-        removed = ev.truth.extra["removed"]
-        index = torch.as_tensor(removed, dtype=torch.long, device=ev.data.train.targets.device)
-        scores = checked(ev.estimator.score(ev.queries, index), (len(ev.queries), len(removed)))
-        return np.tile(scores, (1, len(ev.truth.extra["steps"])))
+        removals = predict_group_removals(ev, unpack_groups(ev.truth.extra))
+        return np.tile(removals, (1, len(ev.truth.extra["steps"])))
 
     def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
         result = CellResult(predicted=predicted, actual=truth.actual)
-        width = len(truth.extra["removed"])
+        width = len(truth.extra["offsets"]) - 1
         per_length = []
         for block, steps in enumerate(truth.extra["steps"].tolist()):
             columns = slice(block * width, (block + 1) * width)
