@@ -58,7 +58,7 @@ def _label(steps: int) -> str:
 
 @registered("retrain-length")
 class RetrainLength(Protocol):
-    """Leave-one-out after T warm-started SGD steps, for several T."""
+    """Removal effects (single points or random groups) after T warm-started SGD steps, for several T."""
 
     Config: ClassVar[type] = RetrainLengthConfig
     version: ClassVar[str] = "2"  # 2: removals stored as groups (group_size)
