@@ -1,6 +1,6 @@
 import pytest
 
-from bench.config import ConfigError, load_suite, make_config, parse_suite, with_overrides
+from bench.config import BUILTIN_SUITES, ConfigError, load_suite, make_config, parse_suite, with_overrides
 from bench.groundtruth.loo import LooConfig
 
 
@@ -52,3 +52,14 @@ def test_protocols_override_narrows_each_tasks_own_list():
     assert both.tasks[0].protocols == ("lds",)
     with pytest.raises(ConfigError, match="no task of the run has protocol"):
         with_overrides(suite, tasks=["rt-bert"], protocols=["group"])
+
+
+@pytest.mark.parametrize("name", BUILTIN_SUITES)
+def test_every_builtin_suite_plans_with_valid_options(name):
+    from bench.catalog import default_registries
+    from bench.runner import plan_suite
+
+    plan = plan_suite(load_suite(name), default_registries())
+    assert plan.tasks and plan.protocols and plan.estimators
+    planned = {p.name for p in plan.protocols}
+    assert all(set(t.spec.protocols) <= planned for t in plan.tasks)

@@ -256,3 +256,34 @@ def test_bert_offers_cls_features_and_fastif_leaves_the_head_view_for_them(tmp_p
     assert FastIf.runs_on_head_view(FastIfConfig()) and not FastIf.runs_on_head_view(FastIfConfig(features="cls"))
     with pytest.raises(ValueError, match="unknown feature space 'pooler'"):
         task.embed(base.params, data.queries, "pooler")
+
+
+def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
+    """Every protocol the ``full`` suite lists for SST-2 runs on files in the real format (tiny BERT). CIFAR-10's
+    ResNet-18 costs ~5 minutes even on 48 images here, so its list is checked to be one the default suite runs
+    on mnist-resnet, the same ResNetTask code."""
+    from bench.config import load_suite
+
+    lists = {t.name: list(t.protocols) for t in load_suite("full").tasks}
+    default = {t.name: set(t.protocols) for t in load_suite("default").tasks}
+    assert set(lists["cifar10-resnet"]) <= default["mnist-resnet"]
+    model_dir = write_sst2_and_tiny_bert(tmp_path)
+    tiny_protocols = {
+        "loo-warm": "n_removed = 2\nwarm_steps = 2", "loo-scratch": "n_removed = 1", "lds": "n_subsets = 3",
+        "label-change": "fraction = 0.1", "mislabel": "n_ranked = 8",
+    }
+    text = ('name = "tiny-full"\nthreads = 2\nbootstrap_resamples = 20\n'
+            'estimators = ["if-exact", "gif", "tracin", "random"]\n'
+            f'[[tasks]]\nname = "sst2-bert"\npreset = "smoke"\ncheckpoint = "{model_dir}"\nn_train = 32\n'
+            f'n_test = 12\nn_queries = 4\nmax_length = 8\nprotocols = {json.dumps(lists["sst2-bert"])}\n')
+    for protocol in lists["sst2-bert"]:
+        text += f'[[protocols]]\nname = "{protocol}"\n{tiny_protocols[protocol]}\n'
+    (tmp_path / "s.toml").write_text(text)
+    results = tmp_path / "r"
+    assert main(["run", "--suite", str(tmp_path / "s.toml"), "--results", str(results), "--data-dir", str(tmp_path),
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert {r["protocol"] for r in records} == set(lists["sst2-bert"])
+    failed = [(r["protocol"], r["estimator"], r["error"]) for r in records if r["status"] == "failed"]
+    assert not failed
+    assert {r["status"] for r in records if r["estimator"] == "if-exact"} == {"ok"}
