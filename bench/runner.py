@@ -183,16 +183,22 @@ class Runner:
 
     def _base_model(self, task: Task, data: TaskData, task_key: str) -> TrainedModel:
         cached = load_or_none(self.cache.load_model, task_key)
-        if cached is not None:  # caches written before the order was recorded: the model's own order
-            base = unpack_trained(*cached, device=self.device)
-            base.params = in_order(base.params, _model_order(task))
-            return base
+        if cached is not None:
+            return self._unpack(cached, task)
         log.info("training %s (cache key %s)", task.name, task_key)
         with profiled(self.device) as prof:
             base = task.train(data)
         base.diagnostics["train_seconds"] = prof.seconds
         self.cache.save_model(task_key, *pack_trained(base, task.name))
         return base
+
+    def _unpack(self, cached: tuple[dict[str, torch.Tensor], dict[str, Any]], task: Task) -> TrainedModel:
+        """A cached model on the run's device, its parameters in the model's order (the cache records the
+        order; for caches written before it did, the task's model is built to find it)."""
+        trained = unpack_trained(*cached, device=self.device)
+        if "order" not in cached[1]:
+            trained.params = in_order(trained.params, _model_order(task))
+        return trained
 
     def _protocol(self, protocol_plan: PlannedComponent) -> Protocol:
         return protocol_plan.cls(protocol_plan.config, seed=derive_seed(self.suite.seed, "protocol", protocol_plan.name))
@@ -205,9 +211,7 @@ class Runner:
         if cached is not None and (model is not None or not cached[1].get("has_model")):
             arrays, meta = cached
             extra = {k.removeprefix("extra."): v for k, v in arrays.items() if k.startswith("extra.")}
-            own_model = unpack_trained(*model, device=self.device) if model is not None else None
-            if own_model is not None:
-                own_model.params = in_order(own_model.params, _model_order(task))
+            own_model = self._unpack(model, task) if model is not None else None
             return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"],
                                arrays.get("replicates"), extra, own_model)
         protocol = self._protocol(protocol_plan)

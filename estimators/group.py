@@ -30,8 +30,7 @@ from torch import Tensor
 from bench.registry import registered
 from estimators.autodiff import hvp_operator
 from estimators.base import GROUP, PARAMETER_UPDATE, SINGLE, FitContext
-from estimators.influence import InverseHvpInfluence, cholesky_factor, dense_hessian
-from estimators.solvers import conjugate_gradient
+from estimators.influence import InverseHvpInfluence, cg_solver, exact_solver
 from tasks.base import Params, Split
 
 GROUP_SOLVERS = ("auto", "cg", "exact")
@@ -67,19 +66,16 @@ class GroupInfluence(InverseHvpInfluence):
             raise ValueError(f"{self.name}: unknown solver {cfg.solver!r}. Valid: {', '.join(GROUP_SOLVERS)}")
         if cfg.normalisation not in NORMALISATIONS:
             raise ValueError(f"{self.name}: unknown normalisation {cfg.normalisation!r}. Valid: {', '.join(NORMALISATIONS)}")
-        self.solver = cfg.solver if cfg.solver != "auto" else ("exact" if self.flat.size <= cfg.max_parameters else "cg")
-        self._info["exact_solver"] = float(self.solver == "exact")
-        if self.solver == "exact":
-            self.factor = cholesky_factor(dense_hessian(self.flat, ctx, cfg.damping, cfg.max_parameters, self._info))
+        solver = cfg.solver if cfg.solver != "auto" else ("exact" if self.flat.size <= cfg.max_parameters else "cg")
+        self._info["exact_solver"] = float(solver == "exact")
+        if solver == "exact":
+            self._solve = exact_solver(self.flat, ctx, cfg.damping, cfg.max_parameters, self._info)
         else:
-            self.matvec = hvp_operator(self.flat, ctx.train, self.l2, chunk=cfg.hvp_chunk)
+            self._solve = cg_solver(self.flat, ctx.train, self.l2, tol=cfg.tol, max_iter=cfg.max_iter,
+                                    hvp_chunk=cfg.hvp_chunk, info=self._info)
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
-        if self.solver == "exact":
-            return torch.cholesky_solve(vectors.T, self.factor).T
-        solution, info = conjugate_gradient(self.matvec, vectors, tol=self.config.tol, max_iter=self.config.max_iter)
-        self._info.update(cg_iterations=float(info.iterations), cg_relative_residual=info.relative_residual)
-        return solution
+        return self._solve(vectors)
 
     def coefficients(self, size: int) -> tuple[float, float]:
         """(c₁, c₂) for a group of ``size`` points (see the module docstring)."""

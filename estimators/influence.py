@@ -108,11 +108,30 @@ class ExactInfluence(InverseHvpInfluence):
     Config: ClassVar[type] = ExactConfig
 
     def prepare(self, ctx: FitContext) -> None:
-        hessian = dense_hessian(self.flat, ctx, self.config.damping, self.config.max_parameters, self._info)
-        self.factor = cholesky_factor(hessian)
+        self._solve = exact_solver(self.flat, ctx, self.config.damping, self.config.max_parameters, self._info)
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
-        return torch.cholesky_solve(vectors.T, self.factor).T
+        return self._solve(vectors)
+
+
+def exact_solver(flat: FlatLoss, ctx: FitContext, damping: float, max_parameters: int,
+                 info: dict[str, float]) -> Callable[[Tensor], Tensor]:
+    """``v [B, P] -> H⁻¹v`` through one Cholesky factorisation of the explicit Hessian (see dense_hessian)."""
+    factor = cholesky_factor(dense_hessian(flat, ctx, damping, max_parameters, info))
+    return lambda vectors: torch.cholesky_solve(vectors.T, factor).T
+
+
+def cg_solver(flat: FlatLoss, train: Split, l2: float, *, tol: float, max_iter: int, hvp_chunk: int,
+              info: dict[str, float]) -> Callable[[Tensor], Tensor]:
+    """``v [B, P] -> H⁻¹v`` by conjugate gradients on HVPs; records iterations and residual in ``info``."""
+    matvec = hvp_operator(flat, train, l2, chunk=hvp_chunk)
+
+    def solve(vectors: Tensor) -> Tensor:
+        solution, result = conjugate_gradient(matvec, vectors, tol=tol, max_iter=max_iter)
+        info.update(cg_iterations=float(result.iterations), cg_relative_residual=result.relative_residual)
+        return solution
+
+    return solve
 
 
 def dense_hessian(flat: FlatLoss, ctx: FitContext, damping: float, max_parameters: int,
@@ -158,12 +177,12 @@ class CgInfluence(InverseHvpInfluence):
     Config: ClassVar[type] = CgConfig
 
     def prepare(self, ctx: FitContext) -> None:
-        self.matvec = hvp_operator(self.flat, ctx.train, self.l2, chunk=self.config.hvp_chunk)
+        cfg = self.config
+        self._solve = cg_solver(self.flat, ctx.train, self.l2, tol=cfg.tol, max_iter=cfg.max_iter,
+                                hvp_chunk=cfg.hvp_chunk, info=self._info)
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
-        solution, info = conjugate_gradient(self.matvec, vectors, tol=self.config.tol, max_iter=self.config.max_iter)
-        self._info.update(cg_iterations=float(info.iterations), cg_relative_residual=info.relative_residual)
-        return solution
+        return self._solve(vectors)
 
 
 @dataclass(frozen=True)
