@@ -269,8 +269,8 @@ def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
     assert set(lists["cifar10-resnet"]) <= default["mnist-resnet"]
     model_dir = write_sst2_and_tiny_bert(tmp_path)
     tiny_protocols = {
-        "loo-warm": "n_removed = 2\nwarm_steps = 2", "loo-scratch": "n_removed = 1", "lds": "n_subsets = 3",
-        "label-change": "fraction = 0.1", "mislabel": "n_ranked = 8",
+        "loo-warm": "n_removed = 2\nwarm_steps = 2", "loo-scratch": "n_removed = 2", "lds": "n_subsets = 3",
+        "label-change": "fraction = 0.1", "mislabel": "n_ranked = 0",
     }
     text = ('name = "tiny-full"\nthreads = 2\nbootstrap_resamples = 20\n'
             'estimators = ["if-exact", "gif", "tracin", "random"]\n'
@@ -287,3 +287,6 @@ def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
     failed = [(r["protocol"], r["estimator"], r["error"]) for r in records if r["status"] == "failed"]
     assert not failed
     assert {r["status"] for r in records if r["estimator"] == "if-exact"} == {"ok"}
+    undefined = [(r["protocol"], r["estimator"]) for r in records
+                 if r["status"] == "ok" and r["headline"] and r["metrics"].get(r["headline"]) is None]
+    assert not undefined, f"ok cells with an undefined headline metric: {undefined}"

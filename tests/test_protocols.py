@@ -158,6 +158,33 @@ def test_mislabel_flips_and_detection_metrics(toy_task):
     assert detection_metrics(np.r_[np.zeros(5), np.ones(95)], is_flipped)["found@10%"] == pytest.approx(0.5)
 
 
+def test_mislabel_refuses_a_ranked_set_without_flipped_points(toy_task):
+    """AUC is undefined without both kinds of point: a clear error, never a NaN reported as a result."""
+    task, data, base = toy_task
+    flipped = MislabelDetection(MislabelConfig(fraction=0.1), seed=0).compute(task, data, base, progress=False)
+    assert flipped.diagnostics["flipped_ranked"] == 6  # n_ranked = 0 ranks every point
+    for seed in range(20):  # a seed whose 2 ranked points miss all 6 flipped labels exists (P ≈ 0.79 each)
+        try:
+            MislabelDetection(MislabelConfig(fraction=0.1, n_ranked=2), seed=seed).compute(task, data, base, progress=False)
+        except ValueError as error:
+            assert "flipped labels; AUC needs both flipped and clean points" in str(error)
+            break
+    else:
+        pytest.fail("no seed drew a ranked set without flipped points")
+
+
+@pytest.mark.parametrize("protocol", ["loo", "retrain-length"])
+def test_removal_counts_below_two_are_refused(protocol):
+    """Per-query correlations across one removal are undefined."""
+    from bench.groundtruth.loo import plan_removals
+    from bench.groundtruth.retrain_length import plan_removal_groups
+
+    plan = (lambda n: plan_removals(60, n, 0)) if protocol == "loo" else (lambda n: plan_removal_groups(60, n, 4, 0))
+    assert len(plan(2)) == 2
+    with pytest.raises(ValueError, match=f"{protocol}: n_removed must be in 2..60"):
+        plan(1)
+
+
 def test_retrain_length_measures_each_length_separately(toy_task):
     task, data, base = toy_task
     protocol = RetrainLength(RetrainLengthConfig(n_removed=8, steps=(3, 30), seeds=2), seed=0)

@@ -44,8 +44,9 @@ class LooConfig:
 
 def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
     """Sorted, distinct training indices to leave out, chosen from the seed alone."""
-    if not 0 < n_removed <= n_train:
-        raise ValueError(f"loo: n_removed must be in 1..{n_train} (the training-set size), got {n_removed}")
+    if not 2 <= n_removed <= n_train:
+        raise ValueError(f"loo: n_removed must be in 2..{n_train} (correlations need two removals; at most the "
+                         f"training-set size), got {n_removed}")
     return np.sort(rng(seed, "loo", "removals").choice(n_train, size=n_removed, replace=False))
 
 

@@ -74,12 +74,15 @@ class MislabelDetection(Protocol):
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         labels = data.train.targets.cpu().numpy()
         flipped, noisy = flip_labels(labels, self.config.fraction, self.seed)
-        model = task.train(self._noisy(data, noisy))
         n_ranked = self.config.n_ranked or len(labels)
         if not 0 < n_ranked <= len(labels):
             raise ValueError(f"mislabel: n_ranked must be in 1..{len(labels)} (0: all), got {self.config.n_ranked}")
         ranked = np.sort(rng(self.seed, "mislabel", "ranked").permutation(len(labels))[:n_ranked])
         is_flipped = np.isin(ranked, flipped)
+        if is_flipped.all() or not is_flipped.any():
+            raise ValueError(f"mislabel: the {n_ranked} ranked points hold {int(is_flipped.sum())} of the {len(flipped)} "
+                             "flipped labels; AUC needs both flipped and clean points: raise n_ranked (0: all) or fraction")
+        model = task.train(self._noisy(data, noisy))
         losses = self._losses(task, model, self._noisy(data, noisy))[ranked]
         diagnostics = {"flipped": float(len(flipped)), "ranked": float(n_ranked), "flipped_ranked": float(is_flipped.sum()),
                        "noisy_test_accuracy": model.diagnostics.get("test_accuracy", np.nan),

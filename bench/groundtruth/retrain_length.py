@@ -44,6 +44,9 @@ class RetrainLengthConfig:
 def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int) -> list[np.ndarray]:
     """``n_removed`` sorted index arrays: single points (``group_size = 1``, as ``loo`` plans them) or random
     groups of ``group_size`` distinct points, from the seed alone."""
+    if not 2 <= n_removed <= n_train:
+        raise ValueError(f"retrain-length: n_removed must be in 2..{n_train} (correlations need two removals), "
+                         f"got {n_removed}")
     if group_size == 1:
         return [np.array([i]) for i in plan_removals(n_train, n_removed, seed)]
     if not 1 < group_size < n_train:
