@@ -123,8 +123,8 @@ class Runner:
             raise ConfigError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
         torch.set_num_threads(self.suite.threads)
         summary = RunSummary()
-        done = {key: rec for key, rec in self.store.latest().items()
-                if rec.get("status") == "ok" or (rec.get("status") == "failed" and not self.retry_failed)}
+        finished = {"ok", NOT_APPLICABLE} | (set() if self.retry_failed else {"failed"})
+        done = {key: rec for key, rec in self.store.latest().items() if rec.get("status") in finished}
         for planned in self.plan.tasks:
             self._run_task(planned, done, summary)
         return summary

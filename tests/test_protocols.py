@@ -257,7 +257,7 @@ SUITE = textwrap.dedent("""
 """)
 
 
-def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeypatch):
+def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeypatch, capsys):
     suite, results = tmp_path / "suite.toml", tmp_path / "results"
     suite.write_text(SUITE)
     assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
@@ -270,6 +270,11 @@ def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeyp
     assert records["class-removal", "gif"]["metrics"]["param_distance"] < 1.5
     board = (results / "leaderboard.md").read_text()
     assert "## Overview" in board and "## toy-logreg · mislabel" in board and "Not applicable" in board
+    lines = len((results / "records.jsonl").read_text().splitlines())
+    capsys.readouterr()
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    assert "0 cell(s) run, 20 already finished" in capsys.readouterr().err  # not-applicable cells are finished too
+    assert len((results / "records.jsonl").read_text().splitlines()) == lines
 
     computed = []
     original = GroupRemoval.compute
@@ -279,7 +284,6 @@ def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeyp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GroupRemoval, "compute", counting)
-    lines = len((results / "records.jsonl").read_text().splitlines())
     suite.write_text(SUITE.replace('estimators = ["if-exact", "group-if-2", "tracin", "gif", "random"]',
                                    'estimators = ["if-exact", "group-if-1"]'))
     assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
