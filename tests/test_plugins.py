@@ -1,6 +1,10 @@
 """Third-party estimators: entry points of installed distributions, and one-file plug-ins."""
 
+import json
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from bench.catalog import default_registries
 from bench.cli import main
@@ -46,3 +50,29 @@ def test_one_file_plugin_runs_through_check_estimator(tmp_path, capsys):
 def test_missing_plugin_file_is_a_clear_error(tmp_path, capsys):
     assert main(["list", "--plugin", str(tmp_path / "absent.py")]) == 2
     assert "absent.py" in capsys.readouterr().err
+
+
+def readme_example() -> str:
+    """The one-file estimator the README shows (the block after ``# my_estimator.py``)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return readme.split("# my_estimator.py\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_estimator_conforms_and_matches_grad_dot(tmp_path, capsys):
+    """The README's example is what a new user copies: it must conform, and it computes grad-dot's scores
+    (scored in column blocks, so that ranking every training point of a large task fits in memory)."""
+    plugin = tmp_path / "readme_estimator.py"
+    plugin.write_text(readme_example())
+    assert main(["check-estimator", "my-grad-dot", "--plugin", str(plugin)]) == 0
+    assert "my-grad-dot: conforms" in capsys.readouterr().out
+    suite = tmp_path / "s.toml"
+    suite.write_text('name = "readme"\nthreads = 1\nbootstrap_resamples = 20\nestimators = ["my-grad-dot", "grad-dot"]\n'
+                     '[[tasks]]\nname = "toy-logreg"\nprotocols = ["loo", "lds"]\n'
+                     '[[protocols]]\nname = "loo"\nn_removed = 20\n[[protocols]]\nname = "lds"\nn_subsets = 8\n')
+    results = tmp_path / "r"
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--no-progress"]) == 0
+    records = {(r["protocol"], r["estimator"]): r for r in map(json.loads, (results / "records.jsonl").read_text().splitlines())}
+    for protocol in ("loo", "lds"):
+        mine, builtin = records[protocol, "my-grad-dot"], records[protocol, "grad-dot"]
+        assert mine["status"] == builtin["status"] == "ok"
+        assert mine["metrics"] == pytest.approx(builtin["metrics"], abs=1e-6)
