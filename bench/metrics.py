@@ -2,6 +2,12 @@
 
 Per query (row), across the scored training points (columns); then the mean
 over queries with a bootstrap 95% confidence interval over queries.
+
+A query whose *actual* row is constant has nothing to rank: its correlations are
+undefined (NaN) and it is dropped, for every estimator alike. A *predicted* row
+that is constant (e.g. FastIF when no removed point is among a query's nearest
+neighbours) carries no rank information and scores 0, so that every estimator is
+averaged over the same queries rather than over those it chose to rank.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.stats
 
+#: Part of every cell's cache key: bump it when a metric's definition changes, so finished cells are re-scored.
+#: 2: a constant predicted row scores 0 (was dropped as undefined).
+VERSION = 2
 CORRELATIONS = ("pearson", "spearman", "kendall")
 METRICS = (*CORRELATIONS, "top_k_overlap")
 
@@ -25,8 +34,11 @@ def top_k_overlap(predicted: np.ndarray, actual: np.ndarray, k: int) -> float:
 
 
 def _correlation(name: str, x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")  # undefined for constant input
+    """Correlation of predicted ``x`` with actual ``y``: NaN if ``y`` is constant, 0 if only ``x`` is."""
+    if len(x) < 2 or np.ptp(y) == 0:
+        return float("nan")  # nothing to rank
+    if np.ptp(x) == 0:
+        return 0.0  # a constant prediction carries no rank information
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "pearson":
@@ -37,7 +49,7 @@ def _correlation(name: str, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def per_query(predicted: np.ndarray, actual: np.ndarray, top_k: int = 10) -> dict[str, np.ndarray]:
-    """Each metric for each query: ``{name: [Q]}``; NaN where a row is constant."""
+    """Each metric for each query: ``{name: [Q]}``; NaN where the actual row is constant."""
     predicted, actual = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     if predicted.shape != actual.shape or predicted.ndim != 2:
         raise ValueError(f"predicted {predicted.shape} and actual {actual.shape} must be equal 2-D shapes")

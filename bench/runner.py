@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench import environment
+from bench import environment, metrics
 from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, unpack_trained
 from bench.catalog import Registries
 from bench.config import ComponentSpec, ConfigError, SuiteConfig, make_config
@@ -176,7 +176,7 @@ class Runner:
 
     def _cell_key(self, task_key: str, protocol: PlannedComponent, estimator: PlannedComponent) -> str:
         return stable_hash(task_key, self._protocol_key_parts(protocol), estimator.name, estimator.config,
-                           self.suite.top_k, self.suite.bootstrap_resamples)
+                           self.suite.top_k, self.suite.bootstrap_resamples, metrics.VERSION)
 
     def _protocol_key_parts(self, protocol: PlannedComponent) -> tuple:
         return (protocol.name, protocol.cls.version, protocol.config, derive_seed(self.suite.seed, "protocol", protocol.name))

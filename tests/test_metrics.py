@@ -18,8 +18,11 @@ def test_per_query_agrees_with_scipy(predicted, seed):
     values = per_query(predicted, actual)
     for q in range(len(predicted)):
         p, a = predicted[q], actual[q]
-        if np.ptp(p) == 0 or np.ptp(a) == 0:
-            assert np.isnan(values["pearson"][q])
+        if np.ptp(a) == 0:
+            assert all(np.isnan(values[name][q]) for name in ("pearson", "spearman", "kendall"))
+            continue
+        if np.ptp(p) == 0:
+            assert all(values[name][q] == 0.0 for name in ("pearson", "spearman", "kendall"))
             continue
         assert values["pearson"][q] == pytest.approx(scipy.stats.pearsonr(p, a).statistic, nan_ok=True, abs=1e-9)
         assert values["spearman"][q] == pytest.approx(scipy.stats.spearmanr(p, a).statistic, nan_ok=True, abs=1e-9)
@@ -32,6 +35,15 @@ def test_constructed_cases():
     assert per_query(-actual, actual)["spearman"][0] == pytest.approx(-1.0)
     assert per_query(actual**3, actual)["spearman"][0] == pytest.approx(1.0)
     assert per_query(actual**3, actual)["pearson"][0] < 1.0
+
+
+def test_constant_rows_drop_the_query_only_when_the_ground_truth_is_constant():
+    """Every estimator is averaged over the same queries: the ground truth alone decides which are dropped."""
+    actual = np.array([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    constant_prediction = per_query(np.array([[7.0, 7.0, 7.0], [1.0, 2.0, 3.0]]), actual)
+    for name in ("pearson", "spearman", "kendall"):
+        assert constant_prediction[name][0] == 0.0 and np.isnan(constant_prediction[name][1])
+    assert summarise(constant_prediction["pearson"]).n_valid == summarise(per_query(actual, actual)["pearson"]).n_valid == 1
 
 
 def test_top_k_overlap():

@@ -94,6 +94,23 @@ def test_killed_run_resumes_without_recomputing(setup):
     assert "1 cell(s) run, 2 already finished" in second.stderr
 
 
+def test_a_new_metrics_version_rescores_finished_cells_on_cached_ground_truth(setup, monkeypatch, capsys):
+    import bench.metrics
+
+    suite, _, results = setup
+    args = ["run", "--suite", str(suite), "--results", str(results), "--estimators", "if-exact", "--no-progress"]
+    assert main(args) == 0
+    groundtruth = next((results / "cache" / "groundtruth").glob("*.npz"))
+    stamp = groundtruth.stat().st_mtime_ns
+    monkeypatch.setattr(bench.metrics, "VERSION", bench.metrics.VERSION + 1)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 cell(s) run, 0 already finished" in capsys.readouterr().err
+    first, second = records(results)
+    assert first["cell_key"] != second["cell_key"] and first["metrics"] == second["metrics"]
+    assert groundtruth.stat().st_mtime_ns == stamp  # only the scoring is redone
+
+
 def test_failures_are_recorded_and_the_run_goes_on(setup, capsys):
     suite, plugin, results = setup
     code = main(["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--no-progress",
