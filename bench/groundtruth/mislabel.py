@@ -82,8 +82,9 @@ class MislabelDetection(Protocol):
         if is_flipped.all() or not is_flipped.any():
             raise ValueError(f"mislabel: the {n_ranked} ranked points hold {int(is_flipped.sum())} of the {len(flipped)} "
                              "flipped labels; AUC needs both flipped and clean points: raise n_ranked (0: all) or fraction")
-        model = task.train(self._noisy(data, noisy))
-        losses = self._losses(task, model, self._noisy(data, noisy))[ranked]
+        noisy_data = self._noisy(data, noisy)
+        model = task.train(noisy_data)
+        losses = self._losses(task, model, noisy_data)[ranked]
         diagnostics = {"flipped": float(len(flipped)), "ranked": float(n_ranked), "flipped_ranked": float(is_flipped.sum()),
                        "noisy_test_accuracy": model.diagnostics.get("test_accuracy", np.nan),
                        **{f"loss_ranking_{k}": v for k, v in detection_metrics(losses, is_flipped).items()}}

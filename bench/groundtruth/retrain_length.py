@@ -86,9 +86,9 @@ class RetrainLength(Protocol):
                                                   desc=f"retrain-length T={steps} [{task.name}]")
             blocks.append(deltas)
         stacked = np.concatenate(blocks, axis=2)  # [S, Q, T·R], T-major
-        extra = {"steps": np.array(cfg.steps), **pack_groups(groups)}
-        columns = np.tile(np.concatenate(groups), len(cfg.steps)) if cfg.group_size == 1 else np.array([], dtype=np.int64)
-        return GroundTruth(self.name, columns, stacked[0], diagnostics, stacked[1:] if cfg.seeds > 1 else None, extra)
+        extra = {"steps": np.array(cfg.steps), **pack_groups(groups)}  # the columns: each removal, for each T
+        return GroundTruth(self.name, np.array([], dtype=np.int64), stacked[0], diagnostics,
+                           stacked[1:] if cfg.seeds > 1 else None, extra)
 
     def predict(self, ev: Evaluation) -> np.ndarray:
         removals = predict_group_removals(ev, unpack_groups(ev.truth.extra))
