@@ -6,12 +6,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.leaderboard import MAIN_METRIC, figure_name
+from bench.metrics import metric_title
 from bench.store import ResultsStore
 
 
+def figure_name(task: str, protocol: str) -> str:
+    return f"{task}--{protocol}.png"
+
+
 def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Path) -> dict[tuple[str, str], Path]:
-    """One scatter per (task, protocol) for the best estimator by the main metric."""
+    """One scatter per (task, protocol) of score matrices, for the best estimator by the protocol's headline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,10 +25,10 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
     best: dict[tuple[str, str], dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        if record.get("status") == "ok" and record.get("metrics", {}).get(MAIN_METRIC) is not None:
+        if record.get("status") == "ok" and record.get("metrics", {}).get(_headline(record)) is not None:
             groups[(record["task"], record["protocol"])].append(record)
     for key, group in groups.items():
-        best[key] = max(group, key=lambda r: r["metrics"][MAIN_METRIC])
+        best[key] = max(group, key=lambda r: r["metrics"][_headline(r)])
     written = {}
     folder.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
@@ -40,8 +44,9 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
         ax.plot([low, high], [low, high], color="0.4", linewidth=1, linestyle="--", label="y = x")
         ax.set_xlabel("actual Δ query loss (retrained)")
         ax.set_ylabel(f"predicted by {record['estimator']}")
-        pearson = record["metrics"][MAIN_METRIC]
-        ax.set_title(f"{task} · {protocol}\n{record['estimator']}: mean per-query Pearson {pearson:.3f}", fontsize=10)
+        headline = _headline(record)
+        ax.set_title(f"{task} · {protocol}\n{record['estimator']}: mean per-query {metric_title(headline)} "
+                     f"{record['metrics'][headline]:.3f}", fontsize=10)
         ax.ticklabel_format(style="sci", scilimits=(-2, 2))
         ax.legend(loc="upper left")
         fig.tight_layout()
@@ -50,3 +55,7 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
         plt.close(fig)
         written[(task, protocol)] = path
     return written
+
+
+def _headline(record: dict[str, Any]) -> str:
+    return record.get("headline", "pearson")

@@ -1,4 +1,8 @@
-"""Render results records as a markdown leaderboard (tables) with optional figures."""
+"""Render results records as a markdown leaderboard (tables) with optional figures.
+
+It only formats: protocols declare their metrics (titles, direction) and each
+record carries its ground truth's ceiling and whether the cell is informative.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.metrics import INFORMATIVE_CEILING, metric_title
 from bench.store import ResultsStore
 
-MAIN_METRIC = "pearson"
 DEFAULT_COLUMNS = ("spearman", "kendall", "top_k_overlap")
+#: Headline values equal to this many decimals (as shown) share a rank.
+RANK_DECIMALS = 3
+
+Key = tuple[str, str]
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -43,34 +51,57 @@ def select_latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _headline(record: dict[str, Any]) -> str:
-    return record.get("headline", MAIN_METRIC)
+    return record.get("headline", "pearson")
 
 
 def _columns(record: dict[str, Any]) -> list[str]:
     return list(record.get("columns", DEFAULT_COLUMNS))
 
 
-def _sort_key(record: dict[str, Any]) -> tuple[int, float, str]:
+def _title(record: dict[str, Any], name: str) -> str:
+    """The protocol's title for a metric, marked ↓ where lower is better."""
+    spec = record.get("metric_specs", {}).get(name, {})
+    title = spec.get("title", metric_title(name, record.get("top_k", 10)))
+    return title if spec.get("higher_is_better", True) else f"{title} ↓"
+
+
+def _value(record: dict[str, Any]) -> float | None:
     value = record.get("metrics", {}).get(_headline(record))
-    ok = record.get("status") == "ok" and value is not None and math.isfinite(value)
-    return (0 if ok else 1, -(value if ok else 0.0), record["estimator"])
+    return value if record.get("status") == "ok" and value is not None and math.isfinite(value) else None
 
 
-def _title(name: str, top_k: int) -> str:
-    return {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "top_k_overlap": f"top-{top_k} overlap",
-            "lds": "LDS", "auc": "AUC", "f1": "F1", "param_distance": "‖θ−θ_R‖ rel."}.get(name, name)
+def _sort_key(record: dict[str, Any]) -> tuple[int, float, str]:
+    value = _value(record)
+    return (0 if value is not None else 1, -(value if value is not None else 0.0), record["estimator"])
 
 
-def figure_name(task: str, protocol: str) -> str:
-    return f"{task}--{protocol}.png"
+def _informative(record: dict[str, Any]) -> bool:
+    return bool(record.get("informative", True))
 
 
-def render_markdown(records: list[dict[str, Any]], *, figures: dict[tuple[str, str], str] | None = None) -> str:
-    """The leaderboard as markdown: a header, then one table per (task, protocol)."""
+def shared_ranks(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Competition ranks (1, 1, 3, …) of the ok records by headline; equal as shown → equal rank."""
+    ranks: dict[str, int] = {}
+    previous, rank = None, 0
+    for position, record in enumerate(r for r in sorted(records, key=_sort_key) if _value(r) is not None):
+        shown = round(_value(record), RANK_DECIMALS)
+        if shown != previous:
+            rank, previous = position + 1, shown
+        ranks[record["estimator"]] = rank
+    return ranks
+
+
+def _not_applicable(record: dict[str, Any]) -> bool:
+    """Not applicable because the estimator lacks what the protocol needs (listed once, below the table)."""
+    return record.get("status") == "not-applicable" and record.get("reason", "capability") == "capability"
+
+
+def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | None = None) -> str:
+    """The leaderboard as markdown: a header, an overview, then one table per (task, protocol)."""
     rows = select_latest(records)
     if not rows:
         return "# ifbench leaderboard\n\nNo results yet: run `ifbench run` first.\n"
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
     for record in rows:
         groups[(record["task"], record["protocol"])].append(record)
     first = rows[0]
@@ -85,11 +116,22 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[tuple[str, s
         "",
         "Each estimator predicts, for every (query, training point) pair, the change in the query's loss when the "
         "point is **removed** and the model retrained (positive: the point helped). Metrics compare predictions with "
-        "the retrained ground truth per query, across the removed points, then average over queries; brackets give "
-        "bootstrap 95% confidence intervals over queries. Time is wall-clock seconds; memory is the peak resident "
-        "set size of the process during fit or score (on CUDA: the peak CUDA allocation). The *noise ceiling* is "
-        "the same metric between two ground truths that differ only in retraining seed: no estimator can be "
-        "expected to beat it.",
+        "the retrained ground truth per query, across the columns (removed points, groups or subsets), then average "
+        "over queries. On the non-convex tasks the ground truth is the mean over K retraining seeds. Brackets give "
+        "95% intervals from a *two-way* bootstrap that resamples queries and columns together (every query shares "
+        "the same columns).",
+        "",
+        "The *noise ceiling* is the best correlation a predictor that does not see the retraining noise can expect "
+        "against that K-seed mean: √ρ_K, with ρ_K = K·r / (1 + (K−1)·r) the Spearman–Brown reliability of the mean "
+        "and r the agreement between two seeds (per query and column block, then averaged as the headline is; for "
+        "LDS, a rank correlation, the same formula is an approximation). An oracle that knows the noise-free effect "
+        "reaches it, so no estimator can be expected to beat it. On exact (convex) ground truth it is 1. A cell is "
+        f"*uninformative* when its ceiling's lower bound is below {INFORMATIVE_CEILING}: the retraining noise leaves too "
+        "little signal to rank estimators, and they are listed unranked. Estimators whose headline agrees to the "
+        f"{RANK_DECIMALS} decimals shown share a rank. ↓ marks a metric where lower is better.",
+        "",
+        "Time is wall-clock seconds; memory is the peak resident set size of the process during fit or score (on "
+        "CUDA: the peak CUDA allocation).",
         "",
     ]
     if len(groups) > 1:
@@ -112,9 +154,12 @@ def _facts(head: dict[str, Any]) -> list[str]:
     elif "ranked" not in gt:
         facts.append(f"{head.get('n_queries', '?')} queries × {head.get('n_columns', '?')} {noun}")
     if gt.get("seeds", 1) > 1:
-        facts.append(f"{int(gt['seeds'])} retraining seeds")
+        agreement = gt.get(f"seed_agreement_{_headline(head)}")
+        facts.append(f"scored against the mean of {int(gt['seeds'])} retraining seeds"
+                     + (f" (seed-vs-seed agreement r = {_num(agreement)})" if agreement is not None else ""))
     if gt.get("warm_steps") is not None:
-        facts.append(f"warm-started retrains of {int(gt['warm_steps'])} steps")
+        epochs = f"{gt['warm_epochs']:g} epoch(s), " if gt.get("warm_epochs") is not None else ""
+        facts.append(f"warm-started retrains of {epochs}{int(gt['warm_steps'])} steps")
     if gt.get("max_retrain_grad_norm") is not None:
         facts.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
     if gt.get("retrained_f1") is not None:
@@ -122,8 +167,7 @@ def _facts(head: dict[str, Any]) -> list[str]:
             facts.append(f"{label}: F1 {_num(gt.get(f'{who}_f1'))} (forget {_num(gt.get(f'{who}_forget'))}, "
                          f"retain {_num(gt.get(f'{who}_retain'))})")
     if gt.get("loss_ranking_auc") is not None:
-        facts.append(f"{int(gt.get('flipped_ranked', 0))} flipped among {int(gt.get('ranked', 0))} ranked points; "
-                     f"ranking by training loss: AUC {_num(gt['loss_ranking_auc'])}")
+        facts.append(f"{int(gt.get('flipped_ranked', 0))} flipped among {int(gt.get('ranked', 0))} ranked points")
     if gt.get("seconds") is not None:
         facts.append(f"ground truth took {_seconds(gt['seconds'])} s")
     return facts
@@ -135,42 +179,43 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     top_k = head.get("top_k", 10)
     headline, columns = _headline(head), _columns(head)
     hide_top_k = (head.get("n_columns") or top_k + 1) <= top_k  # trivially 1: every column is in the top k
+    informative = _informative(head)
     ci_note = " (95% CI)" if any(r.get("ci", {}).get(headline) for r in group) else ""
-    lines = [
-        f"## {task} · {protocol}",
+    lines = [f"## {task} · {protocol}" + ("" if informative else " (uninformative)"), "", "; ".join(_facts(head)) + "."]
+    if not informative:
+        low = (gt.get(f"ceiling_{headline}_ci") or [None])[0]
+        lines += ["", f"**Uninformative:** the noise ceiling's lower bound ({_num(low)}) is below {INFORMATIVE_CEILING}; "
+                  "the estimators are listed by their value but not ranked."]
+    lines += [
         "",
-        "; ".join(_facts(head)) + ".",
-        "",
-        f"| rank | estimator | {_title(headline, top_k)}{ci_note} | "
-        + " | ".join(_title(c, top_k) for c in columns) + " | fit s | score s | peak MB |",
+        f"| rank | estimator | {_title(head, headline)}{ci_note} | "
+        + " | ".join(_title(head, c) for c in columns) + " | fit s | score s | peak MB |",
         "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|",
     ]
     if gt.get(f"ceiling_{headline}") is not None:
         low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
-        cells = [_num(gt.get(f"ceiling_{c}") if not (c == "top_k_overlap" and hide_top_k) else None) for c in columns]
         lines.append(f"| – | *noise ceiling* | {_num(gt[f'ceiling_{headline}'])} ({_num(low)} – {_num(high)}) | "
-                     + " | ".join(cells) + " | | | |")
-    rank = 0
+                     + " | " * len(columns) + " | | |")
+    ranks = shared_ranks(group) if informative else {}
     for record in group:
         profile = record.get("profile") or {}
         if record.get("status") == "ok":
-            rank += 1
             m = dict(record.get("metrics", {}))
             if hide_top_k:
                 m["top_k_overlap"] = None
             peak = profile.get("peak_cuda_mb") or profile.get("peak_mem_mb")
             lines.append(
-                f"| {rank} | `{record['estimator']}` | {_with_ci(record, headline)} | "
+                f"| {ranks.get(record['estimator'], '–')} | `{record['estimator']}` | {_with_ci(record, headline)} | "
                 + " | ".join(_num(m.get(c)) for c in columns)
                 + f" | {_seconds(profile.get('fit_s'))} | {_seconds(profile.get('score_s'))} | {_num(peak, 0)} |"
             )
-        elif record.get("status") == "not-applicable" and "needs" in str(record.get("error")):
+        elif _not_applicable(record):
             continue  # listed once below the table
         else:
             error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
             lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 3))
     lines.append("")
-    skipped = [r["estimator"] for r in group if r.get("status") == "not-applicable" and "needs" in str(r.get("error"))]
+    skipped = [r["estimator"] for r in group if _not_applicable(r)]
     if skipped:
         needs = str(next(r for r in group if r["estimator"] == skipped[0])["error"]).split(";")[0]
         lines += [f"Not applicable ({needs}): " + ", ".join(f"`{name}`" for name in skipped) + ".", ""]
@@ -179,39 +224,61 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     return lines
 
 
-def render_overview(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
-    """Estimators × (task, protocol): each cell's headline metric and the estimator's rank there."""
+def _aggregate_columns(groups: dict[Key, list[dict[str, Any]]]) -> list[Key]:
+    """Informative columns whose headline has a ceiling (correlations against retrained ground truth)."""
+    return [key for key, group in groups.items()
+            if _informative(group[0]) and group[0].get("ceiling") not in (None, 0)]
+
+
+def render_overview(groups: dict[Key, list[dict[str, Any]]]) -> list[str]:
+    """Estimators × (task, protocol): each cell's headline and shared rank; rows by mean fraction of the ceiling."""
     keys = list(groups)
     estimators = sorted({r["estimator"] for group in groups.values() for r in group})
-    ranks: dict[tuple[str, tuple[str, str]], int] = {}
-    values: dict[tuple[str, tuple[str, str]], str] = {}
+    aggregated = _aggregate_columns(groups)
+    values: dict[tuple[str, Key], str] = {}
+    fractions: dict[str, list[float]] = defaultdict(list)
     for key, group in groups.items():
-        rank = 0
-        for record in sorted(group, key=_sort_key):
-            if record.get("status") == "ok":
-                rank += 1
-                ranks[record["estimator"], key] = rank
-                values[record["estimator"], key] = f"{_num(record['metrics'].get(_headline(record)))} ({rank})"
+        ranks = shared_ranks(group) if _informative(group[0]) else {}
+        for record in group:
+            value = _value(record)
+            if value is not None:
+                rank = ranks.get(record["estimator"])
+                values[record["estimator"], key] = f"{_num(value)} ({rank})" if rank else _num(value)
+                if key in aggregated:
+                    fractions[record["estimator"]].append(value / record["ceiling"])
             else:
                 values[record["estimator"], key] = "n/a" if record.get("status") == "not-applicable" else "failed"
 
-    def mean_rank(name: str) -> float:
-        own = [ranks[name, k] for k in keys if (name, k) in ranks]
-        return sum(own) / len(own) if own else math.inf
+    def aggregate(name: str) -> float | None:
+        own = fractions.get(name, [])
+        return sum(own) / len(own) if aggregated and len(own) == len(aggregated) else None
+
+    def header(key: Key) -> str:
+        head = groups[key][0]
+        return f"{key[0]} · {key[1]} ({_title(head, _headline(head))}" + ("" if _informative(head) else ", uninformative") + ")"
 
     lines = [
         "## Overview",
         "",
-        "Each cell: the protocol's headline metric (higher is better) and, in brackets, the estimator's rank "
-        "in that column; *n/a*: the estimator does not provide what the protocol needs. Rows by mean rank.",
+        "Each cell: the protocol's headline metric (higher is better) and, in brackets, the estimator's rank in that "
+        "column (equal values as shown share a rank; uninformative columns are not ranked); *n/a*: the estimator does "
+        "not provide what the protocol needs. **Score / ceiling** is the mean, over the same "
+        f"{len(aggregated)} informative columns whose headline has a noise ceiling (correlations with retrained "
+        "ground truth; the ceiling is 1 on exact ground truth), of the estimator's headline divided by the ceiling; "
+        "it is given only for estimators that have a value in every one of them, and rows are ordered by it. The "
+        "other columns (updates, mislabel detection) are shown but not aggregated: their scales differ.",
         "",
-        "| estimator | mean rank | "
-        + " | ".join(f"{t} · {p} ({_title(_headline(groups[t, p][0]), 10)})" for t, p in keys) + " |",
+        "| estimator | score / ceiling | " + " | ".join(header(k) for k in keys) + " |",
         "|---|---:|" + "---:|" * len(keys),
     ]
-    for name in sorted(estimators, key=lambda e: (mean_rank(e), e)):
-        average = mean_rank(name)
-        lines.append(f"| `{name}` | {_num(average, 1) if math.isfinite(average) else '–'} | "
+
+    def order(name: str) -> tuple[int, float, str]:
+        value = aggregate(name)
+        return (0 if value is not None else 1, -(value or 0.0), name)
+
+    for name in sorted(estimators, key=order):
+        value = aggregate(name)
+        lines.append(f"| `{name}` | {_num(value) if value is not None else '–'} | "
                      + " | ".join(values.get((name, k), "–") for k in keys) + " |")
     return [*lines, ""]
 
@@ -220,7 +287,7 @@ def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True
     """Render ``results_dir``'s records to ``out`` (figures in ``out``'s folder ``figures/``)."""
     store = ResultsStore(results_dir)
     records = store.records()
-    figures: dict[tuple[str, str], str] = {}
+    figures: dict[Key, str] = {}
     out = Path(out)
     if with_figures and records:
         from bench.figures import scatter_best

@@ -1,18 +1,30 @@
-"""Agreement metrics between predicted and actual removal effects.
+"""Agreement metrics between predicted and actual removal effects, their intervals, and the noise ceiling.
 
-Per query (row), across the scored training points (columns); then the mean
-over queries with a bootstrap 95% confidence interval over queries.
+Per query (row), across the scored columns (removed points, groups, subsets);
+then the mean over queries.
 
 A query whose *actual* row is constant has nothing to rank: its correlations are
 undefined (NaN) and it is dropped, for every estimator alike. A *predicted* row
 that is constant (e.g. FastIF when no removed point is among a query's nearest
 neighbours) carries no rank information and scores 0, so that every estimator is
 averaged over the same queries rather than over those it chose to rank.
+
+Intervals come from a **two-way bootstrap**: queries and columns are resampled
+together, because every query shares the same removed points / groups / subsets
+(resampling queries alone misses the columns' share of the uncertainty).
+
+The **noise ceiling** of a non-convex ground truth (K retraining seeds, scored
+against their mean): with seed-vs-seed correlation r per query, the K-seed mean
+has reliability ρ_K = K·r / (1 + (K−1)·r) (Spearman–Brown), and no predictor that
+is independent of the retraining noise correlates with it beyond √ρ_K in
+expectation (an oracle that knows the noise-free effect reaches it).
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +32,24 @@ import scipy.stats
 
 #: Part of every cell's cache key: bump it when a metric's definition changes, so finished cells are re-scored.
 #: 2: a constant predicted row scores 0 (was dropped as undefined).
-VERSION = 2
+#: 3: scored against the mean of all retraining seeds; two-way bootstrap; ceiling √ρ_K.
+VERSION = 3
 CORRELATIONS = ("pearson", "spearman", "kendall")
 METRICS = (*CORRELATIONS, "top_k_overlap")
+#: A cell is *informative* when its noise ceiling's lower bound reaches this: below it, the retraining noise
+#: leaves too little signal for estimators' differences to mean anything, and the cell is not ranked.
+INFORMATIVE_CEILING = 0.2
+#: Correlations computed row-wise in one vectorised pass (bootstrap and ceiling use them).
+VECTORISED = ("pearson", "spearman")
+
+
+_TITLES = {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "lds": "LDS", "auc": "AUC",
+           "f1": "F1", "param_distance": "‖θ−θ_R‖ rel."}
+
+
+def metric_title(name: str, top_k: int = 10) -> str:
+    """A metric's column title (its name where there is no shorter one)."""
+    return f"top-{top_k} overlap" if name == "top_k_overlap" else _TITLES.get(name, name)
 
 
 def top_k_overlap(predicted: np.ndarray, actual: np.ndarray, k: int) -> float:
@@ -33,18 +60,41 @@ def top_k_overlap(predicted: np.ndarray, actual: np.ndarray, k: int) -> float:
     return len(np.intersect1d(top_predicted, top_actual)) / k
 
 
-def _correlation(name: str, x: np.ndarray, y: np.ndarray) -> float:
-    """Correlation of predicted ``x`` with actual ``y``: NaN if ``y`` is constant, 0 if only ``x`` is."""
+def rowwise(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson or Spearman of ``x[..., q, :]`` with ``y[..., q, :]`` for every row: ``[..., Q]``.
+
+    NaN where the ``y`` row is constant or has fewer than 2 entries, 0 where only the ``x`` row is.
+    """
+    if name not in VECTORISED:
+        raise ValueError(f"rowwise: unknown correlation {name!r}. Valid: {', '.join(VECTORISED)}")
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    y_constant = np.ptp(y, axis=-1) == 0 if y.shape[-1] else np.ones(y.shape[:-1], dtype=bool)
+    x_constant = np.ptp(x, axis=-1) == 0 if x.shape[-1] else np.ones(x.shape[:-1], dtype=bool)
+    if name == "spearman":
+        x, y = scipy.stats.rankdata(x, axis=-1), scipy.stats.rankdata(y, axis=-1)
+    x, y = _centred_unit_scale(x), _centred_unit_scale(y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    r = np.clip(r, -1.0, 1.0)
+    r = np.where(x_constant, 0.0, r)
+    return np.where(y_constant | (x.shape[-1] < 2), np.nan, r)
+
+
+def _centred_unit_scale(x: np.ndarray) -> np.ndarray:
+    """Rows minus their mean, divided by their largest magnitude (so tiny or huge values neither underflow nor
+    overflow in the products; correlation is scale-free). Constant rows stay 0."""
+    x = x - x.mean(-1, keepdims=True)
+    scale = np.abs(x).max(-1, keepdims=True) if x.shape[-1] else np.ones((*x.shape[:-1], 1))
+    return x / np.where(scale > 0, scale, 1.0)
+
+
+def _kendall(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 2 or np.ptp(y) == 0:
         return float("nan")  # nothing to rank
     if np.ptp(x) == 0:
         return 0.0  # a constant prediction carries no rank information
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "pearson":
-            return float(scipy.stats.pearsonr(x, y).statistic)
-        if name == "spearman":
-            return float(scipy.stats.spearmanr(x, y).statistic)
         return float(scipy.stats.kendalltau(x, y).statistic)
 
 
@@ -53,10 +103,35 @@ def per_query(predicted: np.ndarray, actual: np.ndarray, top_k: int = 10) -> dic
     predicted, actual = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     if predicted.shape != actual.shape or predicted.ndim != 2:
         raise ValueError(f"predicted {predicted.shape} and actual {actual.shape} must be equal 2-D shapes")
-    values = {name: np.array([_correlation(name, p, a) for p, a in zip(predicted, actual, strict=True)])
-              for name in CORRELATIONS}
+    values = {name: rowwise(name, predicted, actual) for name in VECTORISED}
+    values["kendall"] = np.array([_kendall(p, a) for p, a in zip(predicted, actual, strict=True)])
     values["top_k_overlap"] = np.array([top_k_overlap(p, a, top_k) for p, a in zip(predicted, actual, strict=True)])
     return values
+
+
+def spearman_brown(r: np.ndarray | float, k: int) -> np.ndarray:
+    """Reliability of the mean of ``k`` measurements whose pairwise correlation is ``r`` (clipped to [0, 1])."""
+    r = np.clip(np.asarray(r, dtype=np.float64), 0.0, 1.0)
+    return k * r / (1.0 + (k - 1) * r)
+
+
+def seed_agreement(name: str, replicates: np.ndarray) -> np.ndarray:
+    """Mean over seed pairs of the row-wise correlation between two seeds' ground truths: ``[Q]``.
+
+    ``replicates [K, Q, C]`` (K ≥ 2): the same effects under K retraining seeds.
+    """
+    pairs = list(itertools.combinations(range(len(replicates)), 2))
+    if not pairs:
+        raise ValueError(f"seed agreement needs at least 2 retraining seeds, got {len(replicates)}")
+    values = np.stack([rowwise(name, replicates[s], replicates[t]) for s, t in pairs])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a query undefined for every pair stays NaN
+        return np.nanmean(values, axis=0)
+
+
+def ceiling(name: str, replicates: np.ndarray) -> np.ndarray:
+    """Per query, the best expected correlation with the K-seed mean: √ρ_K (see the module docstring): ``[Q]``."""
+    return np.sqrt(spearman_brown(seed_agreement(name, replicates), len(replicates)))
 
 
 @dataclass(frozen=True)
@@ -70,7 +145,7 @@ class Summary:
 
 
 def summarise(values: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> Summary:
-    """Mean with a percentile bootstrap CI over queries (NaN queries dropped)."""
+    """Mean with a percentile bootstrap CI over queries alone (NaN queries dropped)."""
     valid = values[np.isfinite(values)]
     if len(valid) == 0:
         return Summary(float("nan"), float("nan"), float("nan"), 0)
@@ -82,3 +157,33 @@ def summarise(values: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> Su
         method="percentile", rng=np.random.default_rng(seed),
     )
     return Summary(mean, float(result.confidence_interval.low), float(result.confidence_interval.high), len(valid))
+
+
+#: ``statistic(rows, columns)``: a per-query value array for the resampled query rows and column indices.
+Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: ``draw(rng)``: resampled column indices (the protocol knows which columns belong together).
+ColumnDraw = Callable[[np.random.Generator], np.ndarray]
+
+
+def iid_columns(n_columns: int) -> ColumnDraw:
+    """Columns resampled independently with replacement."""
+    return lambda generator: generator.integers(0, n_columns, n_columns)
+
+
+def two_way_bootstrap(statistic: Statistic, n_rows: int, draw_columns: ColumnDraw, *, resamples: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% CI of the mean over queries of ``statistic``, resampling queries and columns together."""
+    generator = np.random.default_rng(seed)
+    everything = np.arange(n_rows)
+    means = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no defined query is skipped
+        for _ in range(resamples):
+            rows = generator.integers(0, n_rows, n_rows)
+            value = np.nanmean(statistic(everything[rows], draw_columns(generator)))
+            if np.isfinite(value):
+                means.append(value)
+    if not means:
+        return float("nan"), float("nan")
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)

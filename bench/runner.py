@@ -289,11 +289,14 @@ class Runner:
             record["error"] = truth
             return record
         record.update(n_queries=int(truth.actual.shape[0]), n_columns=int(truth.actual.shape[1]),
-                      groundtruth_diagnostics=truth.diagnostics)
+                      groundtruth_diagnostics=truth.diagnostics, informative=bool(truth.diagnostics.get("informative", True)))
         protocol = self._protocol(protocol_plan)
         record["columns"] = list(protocol.columns)
+        record["metric_specs"] = protocol.metric_specs(self.suite.top_k)
+        record["ceiling"] = protocol.ceiling_of(truth)
         if not protocol.needs & est.cls.capabilities:
-            record.update(status=NOT_APPLICABLE, error=f"{protocol_plan.name} needs {' or '.join(sorted(protocol.needs))}; "
+            record.update(status=NOT_APPLICABLE, reason="capability",
+                          error=f"{protocol_plan.name} needs {' or '.join(sorted(protocol.needs))}; "
                           f"{est.name} provides {', '.join(sorted(est.cls.capabilities))}")
             return record
         if protocol.fits_on_own_model:
@@ -305,7 +308,7 @@ class Runner:
         record["profile"] = profile
         if fit.estimator is None:
             if fit.error.startswith(NOT_APPLICABLE):
-                record.update(status=NOT_APPLICABLE, error=fit.error.removeprefix(f"{NOT_APPLICABLE}: "))
+                record.update(status=NOT_APPLICABLE, reason="estimator", error=fit.error.removeprefix(f"{NOT_APPLICABLE}: "))
             else:
                 record["error"] = f"fit failed: {fit.error}"
             return record

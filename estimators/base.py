@@ -95,9 +95,10 @@ class Estimator(ABC):
     def fit(self, ctx: FitContext) -> None:
         """Precompute whatever does not depend on the queries."""
 
-    @abstractmethod
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
-        """``[len(queries), len(train_idx)]`` float32 predicted removal effects (see module docstring)."""
+        """SINGLE (the default capability): ``[len(queries), len(train_idx)]`` float32 predicted removal
+        effects (see module docstring). Every estimator that declares SINGLE implements it."""
+        raise NotImplementedError(f"{self.name} does not provide single-point scores")
 
     def score_groups(self, queries: Split, groups: Sequence[Tensor]) -> Tensor:
         """GROUP: ``[len(queries), len(groups)]`` predicted change in query loss when each whole group

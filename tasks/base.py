@@ -197,6 +197,14 @@ class Task(ABC):
         """Training seed of ground-truth replicate ``replicate`` (0: the task's own seed, i.e. θ̂)."""
         return self.seed if replicate == 0 else derive_seed(self.seed, "replicate", replicate)
 
+    def warm_order_seed(self, spec: RetrainSpec) -> int:
+        """Batch-order seed of a warm retrain: from the replicate's seed, so the suite's ``--seed`` reaches it."""
+        return derive_seed(self.replicate_seed(spec.seed), "warm")
+
+    def steps_per_epoch(self, n_kept: int) -> int:
+        """SGD steps in one pass over ``n_kept`` points with the task's warm-retraining batch size."""
+        raise NotImplementedError(f"task {self.name} has no SGD recipe for warm-started retraining")
+
     #: Feature spaces ``embed`` offers; a space ``s`` other than "penultimate" is the model's ``s_features``.
     embedding_spaces: ClassVar[tuple[str, ...]] = ("penultimate",)
 

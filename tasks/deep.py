@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from bench.seeding import derive_seed
 from tasks.base import EXACT, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
-from tasks.sgd import SgdRecipe, run_sgd
+from tasks.sgd import SgdRecipe, run_sgd, steps_per_epoch
 
 
 class SgdTask(Task):
@@ -31,6 +31,9 @@ class SgdTask(Task):
     @property
     def l2(self) -> float:
         return self.recipe.l2
+
+    def steps_per_epoch(self, n_kept: int) -> int:
+        return steps_per_epoch(n_kept, self.recipe.batch_size)
 
     def make_model(self) -> nn.Module:
         raise NotImplementedError
@@ -67,7 +70,7 @@ class SgdTask(Task):
             exclude = torch.as_tensor(removed, dtype=torch.long)
             if spec.mode == "warm":
                 params, _ = run_sgd(self.build_model(), base.params, data.train, self.loss, self.recipe,
-                                    seed=derive_seed(spec.seed, "warm"), exclude=exclude, max_steps=spec.steps,
+                                    seed=self.warm_order_seed(spec), exclude=exclude, max_steps=spec.steps,
                                     constant_lr=spec.lr_factor * self.recipe.lr)
             else:  # scratch (and "exact", which a non-convex task can only approximate this way)
                 seed = self.replicate_seed(spec.seed)

@@ -22,7 +22,7 @@ from bench.seeding import derive_seed, rng
 from estimators.solvers import conjugate_gradient
 from tasks.base import EXACT, Checkpoint, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
 from tasks.datasets import load_mnist_5k
-from tasks.sgd import SgdRecipe, run_sgd
+from tasks.sgd import SgdRecipe, run_sgd, steps_per_epoch
 from tasks.splits import seeded_splits
 
 
@@ -182,10 +182,13 @@ class LogRegTask(Task):
         return SgdRecipe(epochs=cfg.trace_epochs, batch_size=64, lr=cfg.trace_lr, momentum=0.9, l2=cfg.l2,
                          n_checkpoints=cfg.trace_checkpoints)
 
+    def steps_per_epoch(self, n_kept: int) -> int:
+        return steps_per_epoch(n_kept, self.trace_recipe().batch_size)
+
     def _warm(self, data: TaskData, base: TrainedModel, removed: Tensor, spec: RetrainSpec) -> Retrained:
         recipe = self.trace_recipe()
         params, _ = run_sgd(self.build_model(), base.params, data.train, self.loss, recipe,
-                            seed=derive_seed(spec.seed, "warm"), exclude=removed, max_steps=spec.steps,
+                            seed=self.warm_order_seed(spec), exclude=removed, max_steps=spec.steps,
                             constant_lr=spec.lr_factor * recipe.lr)
         return Retrained(params, {"steps": float(spec.steps)})
 

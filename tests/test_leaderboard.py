@@ -58,8 +58,8 @@ def test_cli_publishes_only_the_records_shown(tmp_path):
     out = tmp_path / "board" / "README.md"
     assert main(["leaderboard", "--results", str(results), "--out", str(out), "--no-figures", "--records"]) == 0
     published = [json.loads(line) for line in (out.parent / "records.jsonl").read_text().splitlines()]
-    assert len(published) == 5  # six records, two of them for one cell
-    assert [r["metrics"]["pearson"] for r in published if r["estimator"] == "random"] == [0.02]
+    assert len(published) == 10  # eleven records, two of them for one cell
+    assert [r["metrics"]["pearson"] for r in published if r["estimator"] == "random" and r["protocol"] == "loo"] == [0.02]
 
 
 def test_top_k_overlap_is_hidden_when_trivial():
@@ -68,10 +68,28 @@ def test_top_k_overlap_is_hidden_when_trivial():
     assert rows and all(row.split("|")[6].strip() == "–" for row in rows)
 
 
-def test_overview_ranks_each_column_and_orders_rows_by_mean_rank():
+def test_overview_shares_tied_ranks_skips_uninformative_columns_and_orders_by_fraction_of_ceiling():
     lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
     start = lines.index("## Overview")
     table = [line for line in lines[start:lines.index("## mnist-logreg · loo")] if line.startswith("| `")]
-    assert table[0].startswith("| `if-exact` | 1.0 | 0.980 (1) |")
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in table}
+    # mean over the informative ceiling columns (loo: ceiling 1; loo-warm: ceiling 0.5) of value / ceiling
+    assert cells["`if-exact`"][0] == f"{(0.98 + 0.3001 / 0.5) / 2:.3f}"
+    assert cells["`if-lissa`"][0] == f"{(0.95 + 0.2998 / 0.5) / 2:.3f}"
     assert [row.split("|")[1].strip() for row in table] == ["`if-exact`", "`if-lissa`", "`random`", "`if-cg`"]
-    assert table[-1].split("|")[2].strip() == "–" and "failed" in table[-1]  # no rank where it failed
+    assert cells["`if-exact`"][3] == cells["`if-lissa`"][3] == "0.300 (1)"  # equal as shown: one rank
+    assert cells["`random`"][3] == "0.010 (3)"  # competition ranking: 1, 1, 3
+    assert cells["`if-exact`"][4] == "0.100"  # the uninformative column is not ranked
+    assert cells["`if-cg`"][0] == "–" and cells["`if-cg`"][1] == "failed"  # no aggregate without every column
+
+
+def test_uninformative_sections_say_so_and_rank_nothing():
+    lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
+    start = lines.index("## mnist-resnet · loo-scratch (uninformative)")
+    section = lines[start:]
+    assert any(line.startswith("**Uninformative:** the noise ceiling's lower bound (0.050) is below 0.2") for line in section)
+    rows = [line for line in section if line.startswith("| ") and "`" in line]
+    assert rows and all(row.startswith("| – |") for row in rows)
+    warm = lines[lines.index("## mnist-resnet · loo-warm"):start]
+    assert "| – | *noise ceiling* | 0.500 (0.400 – 0.600) |" in "\n".join(warm)
+    assert any("scored against the mean of 2 retraining seeds (seed-vs-seed agreement r = 0.330)" in line for line in warm)

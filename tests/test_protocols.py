@@ -158,6 +158,22 @@ def test_mislabel_flips_and_detection_metrics(toy_task):
     assert detection_metrics(np.r_[np.zeros(5), np.ones(95)], is_flipped)["found@10%"] == pytest.approx(0.5)
 
 
+def test_the_loss_baseline_ranks_as_the_protocol_records_it(toy_task):
+    """The ``loss`` row of a mislabel section is the training-loss ranking the ground truth records."""
+    from estimators.base import FitContext
+    from estimators.baselines import TrainingLoss
+
+    task, data, base = toy_task
+    protocol = MislabelDetection(MislabelConfig(fraction=0.1), seed=0)
+    truth = protocol.compute(task, data, base, progress=False)
+    noisy = protocol.fit_data(data, truth)
+    estimator = TrainingLoss()
+    estimator.fit(FitContext(task.build_model(), truth.model.params, task.loss, task.l2, noisy.train, seed=0))
+    result = protocol.evaluate(evaluation(estimator, truth, task, noisy, truth.model)).metrics
+    assert result["auc"] == truth.diagnostics["loss_ranking_auc"] > 0.5
+    assert result["found@10%"] == truth.diagnostics["loss_ranking_found@10%"]
+
+
 def test_mislabel_refuses_a_ranked_set_without_flipped_points(toy_task):
     """AUC is undefined without both kinds of point: a clear error, never a NaN reported as a result."""
     task, data, base = toy_task
@@ -187,14 +203,16 @@ def test_removal_counts_below_two_are_refused(protocol):
 
 def test_retrain_length_measures_each_length_separately(toy_task):
     task, data, base = toy_task
-    protocol = RetrainLength(RetrainLengthConfig(n_removed=8, steps=(3, 30), seeds=2), seed=0)
+    protocol = RetrainLength(RetrainLengthConfig(n_removed=8, epochs=(1, 10), seeds=2), seed=0)
     truth = protocol.compute(task, data, base, progress=False)
-    assert truth.actual.shape == (len(data.queries), 16) and truth.replicates.shape == (1, len(data.queries), 16)
+    assert truth.actual.shape == (len(data.queries), 16) and truth.replicates.shape == (2, len(data.queries), 16)
+    np.testing.assert_allclose(truth.actual, truth.replicates.mean(0))  # scored against the mean over seeds
+    assert truth.extra["steps"].tolist() == [1, 10]  # toy-logreg: 59 kept points, batches of 64
     short, long_ = truth.actual[:, :8], truth.actual[:, 8:]
     assert np.abs(long_).mean() > np.abs(short).mean()  # longer retraining moves further from θ̂
     predicted = np.concatenate([short * 2, -long_], axis=1)
     metrics = protocol.measure(predicted, truth, SETTINGS).metrics
-    assert metrics["pearson@T=3"] == pytest.approx(1.0) and metrics["pearson@T=30"] == pytest.approx(-1.0)
+    assert metrics["pearson@1ep"] == pytest.approx(1.0) and metrics["pearson@10ep"] == pytest.approx(-1.0)
     assert metrics["pearson"] == pytest.approx(0.0, abs=1e-9)
 
 
@@ -213,7 +231,7 @@ class FixedScores:
 def test_retrain_length_groups_are_what_gets_removed_and_are_scored_by_sums(toy_task):
     _, data, base = toy_task
     task = RecordingTask(ToyLogReg.presets["default"], seed=0)
-    config = RetrainLengthConfig(n_removed=5, group_size=6, steps=(3, 30), seeds=2)
+    config = RetrainLengthConfig(n_removed=5, group_size=6, epochs=(1, 10), seeds=2)
     truth = RetrainLength(config, seed=4).compute(task, data, base, progress=False)
     groups = [g.tolist() for g in unpack_groups(truth.extra)]
     assert len(groups) == 5 and all(len(set(g)) == 6 for g in groups)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from bench import metrics
-from estimators.base import SINGLE, Estimator
+from estimators.base import GROUP, SINGLE, Estimator
 from tasks.base import Params, Split, Task, TaskData, TrainedModel
 
 
@@ -22,9 +23,11 @@ class GroundTruth:
     For leave-one-out, ``train_idx [R]`` names the removed point of column j;
     other protocols keep what defines their columns (groups, subsets, flipped
     labels, retrained parameters) in ``extra``. Same sign convention as the
-    estimators. ``replicates [S, Q, C]`` are the same effects under other
-    retraining seeds and give the noise ceiling. ``model`` is a model the
-    protocol trained for the estimators to be fit on (e.g. on noisy labels).
+    estimators. On non-convex tasks ``replicates [K, Q, C]`` are the effects
+    under each of K retraining seeds and ``actual`` is their mean, which
+    estimators are scored against; the seeds' agreement gives the noise ceiling.
+    ``model`` is a model the protocol trained for the estimators to be fit on
+    (e.g. on noisy labels).
     """
 
     protocol: str
@@ -34,6 +37,12 @@ class GroundTruth:
     replicates: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     model: TrainedModel | None = None
+
+    @classmethod
+    def from_seeds(cls, protocol: str, train_idx: np.ndarray, deltas: np.ndarray, diagnostics: dict[str, Any],
+                   extra: dict[str, np.ndarray] | None = None) -> GroundTruth:
+        """``deltas [K, Q, C]`` from K retraining seeds: the truth is their mean; K ≥ 2 keeps them as replicates."""
+        return cls(protocol, train_idx, deltas.mean(0), diagnostics, deltas if len(deltas) > 1 else None, extra or {})
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class Evaluation:
 
 @dataclass
 class CellResult:
-    """Metric means, their 95% CIs and valid-query counts; optional predicted/actual matrices to keep."""
+    """Metric means, the headline's 95% CI, valid-query counts; optional predicted/actual matrices to keep."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     ci: dict[str, list[float]] = field(default_factory=dict)
@@ -74,13 +83,12 @@ class CellResult:
     actual: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, name: str, values: np.ndarray, settings: Settings) -> None:
-        """Summarise per-query ``values`` under ``name`` (mean, bootstrap CI)."""
-        summary = metrics.summarise(np.asarray(values, dtype=np.float64), resamples=settings.resamples,
-                                    seed=settings.seed)
-        self.metrics[name] = summary.mean
-        self.ci[name] = [summary.low, summary.high]
-        self.n_valid[name] = summary.n_valid
+    def add(self, name: str, values: np.ndarray) -> None:
+        """Record the mean over valid queries of per-query ``values`` under ``name``."""
+        values = np.asarray(values, dtype=np.float64)
+        valid = values[np.isfinite(values)]
+        self.metrics[name] = float(valid.mean()) if len(valid) else float("nan")
+        self.n_valid[name] = len(valid)
 
 
 class EvaluationError(Exception):
@@ -102,6 +110,13 @@ class Protocol(ABC):
     column_noun: ClassVar[str] = "removed points"
     #: True if estimators are fit on ``truth.model`` (and the data it was trained on), not on θ̂.
     fits_on_own_model: ClassVar[bool] = False
+    #: Metrics (of ``headline`` and ``columns``) where lower is better; every other metric is higher-is-better.
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+
+    def metric_specs(self, top_k: int) -> dict[str, dict[str, Any]]:
+        """``{name: {"title", "higher_is_better"}}`` for the headline and the columns, for the leaderboard."""
+        return {name: {"title": metrics.metric_title(name, top_k), "higher_is_better": name not in self.lower_is_better}
+                for name in (self.headline, *self.columns)}
 
     def __init__(self, config: Any, *, seed: int):
         self.config = config
@@ -115,31 +130,136 @@ class Protocol(ABC):
         """The data estimators are fit on (``fits_on_own_model`` protocols change it)."""
         return data
 
+    @abstractmethod
+    def evaluate(self, ev: Evaluation) -> CellResult:
+        """Judge one fitted estimator against the ground truth."""
+
+    def noise_ceiling(self, truth: GroundTruth, settings: Settings) -> dict[str, Any]:
+        """Diagnostics on how well any estimator can do against ``truth`` (none by default)."""
+        return {}
+
+    def ceiling_of(self, truth: GroundTruth) -> float | None:
+        """The headline's ceiling (1.0 for an exact ground truth), or None where the headline has none."""
+        return None
+
+
+class ScoreMatrixProtocol(Protocol):
+    """Protocols whose ground truth is a matrix of effects ``[Q, C]`` that estimators predict.
+
+    The headline is, per query, the ``correlation`` (pearson or spearman) across the
+    columns of each block of ``blocks(truth)``, averaged over blocks, then the mean
+    over queries. Its 95% CI is a two-way bootstrap: queries and, within each block,
+    columns are resampled (``aligned_blocks``: the blocks are the same removals seen
+    differently, e.g. after several retraining lengths, and share one column draw).
+    On non-convex tasks the noise ceiling is the same statistic with the correlation
+    replaced by √ρ_K (:func:`bench.metrics.ceiling`) of the K retraining seeds.
+    """
+
+    correlation: ClassVar[str] = "pearson"
+    aligned_blocks: ClassVar[bool] = False
+
+    def blocks(self, truth: GroundTruth) -> list[np.ndarray]:
+        """Column index sets the headline correlates within (default: all columns at once)."""
+        return [np.arange(truth.actual.shape[1])]
+
     def predict(self, ev: Evaluation) -> np.ndarray:
         """The estimator's prediction of ``truth.actual`` (same shape)."""
         scores = ev.estimator.score(ev.queries, _train_idx(ev))
         return checked(scores, ev.truth.actual.shape)
 
-    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
-        """Per-query correlations across columns, averaged over queries."""
-        result = CellResult(predicted=predicted, actual=truth.actual)
+    def add_columns(self, result: CellResult, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> None:
+        """The leaderboard's other columns (default: Spearman, Kendall, top-k overlap across all columns)."""
         for name, values in metrics.per_query(predicted, truth.actual, settings.top_k).items():
-            result.add(name, values, settings)
-        return result
+            if name != self.headline:
+                result.add(name, values)
 
     def evaluate(self, ev: Evaluation) -> CellResult:
         return self.measure(self.predict(ev), ev.truth, ev.settings)
 
+    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
+        result = CellResult(predicted=predicted, actual=truth.actual)
+
+        def statistic(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+            return _block_mean([metrics.rowwise(self.correlation, predicted[rows][:, b], truth.actual[rows][:, b])
+                                for b in blocks])
+
+        result.add(self.headline, statistic(np.arange(len(predicted)), self.blocks(truth)))
+        result.ci[self.headline] = list(self._interval(statistic, truth, settings))
+        self.add_columns(result, predicted, truth, settings)
+        return result
+
     def noise_ceiling(self, truth: GroundTruth, settings: Settings) -> dict[str, Any]:
-        """Each metric of each seed replicate against the ground truth, averaged over replicates."""
-        if truth.replicates is None or len(truth.replicates) == 0:
+        """The ceiling (√ρ_K per query and block, averaged as the headline is), its two-way CI, the seeds'
+        own agreement r, and whether the cell is informative (ceiling's lower bound ≥ metrics.INFORMATIVE_CEILING)."""
+        if truth.replicates is None or len(truth.replicates) < 2:
             return {}
-        results = [self.measure(rep, truth, settings) for rep in truth.replicates]
-        ceiling: dict[str, Any] = {}
-        for name in results[0].metrics:
-            ceiling[f"ceiling_{name}"] = float(np.nanmean([r.metrics[name] for r in results]))
-            ceiling[f"ceiling_{name}_ci"] = [float(np.nanmean([r.ci[name][i] for r in results])) for i in (0, 1)]
-        return ceiling
+        replicates = truth.replicates
+
+        def statistic(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+            return _block_mean([metrics.ceiling(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
+
+        def agreement(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+            return _block_mean([metrics.seed_agreement(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
+
+        everything = np.arange(replicates.shape[1])
+        low, high = self._interval(statistic, truth, settings)
+        return {
+            f"ceiling_{self.headline}": float(np.nanmean(statistic(everything, self.blocks(truth)))),
+            f"ceiling_{self.headline}_ci": [low, high],
+            f"seed_agreement_{self.headline}": float(np.nanmean(agreement(everything, self.blocks(truth)))),
+            "seeds": float(len(replicates)),
+            "informative": bool(low >= metrics.INFORMATIVE_CEILING),
+        }
+
+    def ceiling_of(self, truth: GroundTruth) -> float | None:
+        """√ρ_K over K ≥ 2 seeds; 1.0 for exact retraining (an oracle reaches 1); None for one noisy seed."""
+        if truth.replicates is not None:
+            return truth.diagnostics.get(f"ceiling_{self.headline}")
+        return 1.0 if truth.diagnostics.get("exact_retraining") else None
+
+    def _interval(self, statistic: Callable[[np.ndarray, list[np.ndarray]], np.ndarray], truth: GroundTruth,
+                  settings: Settings) -> tuple[float, float]:
+        blocks = self.blocks(truth)
+
+        def draw(generator: np.random.Generator) -> list[np.ndarray]:
+            if self.aligned_blocks:
+                positions = generator.integers(0, len(blocks[0]), len(blocks[0]))
+                return [b[positions] for b in blocks]
+            return [b[generator.integers(0, len(b), len(b))] for b in blocks]
+
+        return metrics.two_way_bootstrap(statistic, truth.actual.shape[0], draw, resamples=settings.resamples,
+                                         seed=settings.seed)
+
+
+def _block_mean(per_block: list[np.ndarray]) -> np.ndarray:
+    """Per query, the mean over blocks where the query's value is defined (NaN if none is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(per_block), axis=0)
+
+
+def pack_groups(groups: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Ragged index arrays as two flat arrays (``members``, ``offsets``) for the cache."""
+    return {"members": np.concatenate(groups), "offsets": np.cumsum([0, *map(len, groups)])}
+
+
+def unpack_groups(extra: dict[str, np.ndarray]) -> list[np.ndarray]:
+    offsets = extra["offsets"]
+    return [extra["members"][offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def predict_group_removals(ev: Evaluation, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """``[Q, G]`` predicted query-loss change per removed group: group scores if the estimator has them,
+    else the sum of its single-point scores over each group."""
+    device = ev.data.train.targets.device
+    tensors = [torch.as_tensor(g, dtype=torch.long, device=device) for g in groups]
+    shape = (len(ev.queries), len(groups))
+    if GROUP in ev.estimator.capabilities:
+        return checked(ev.estimator.score_groups(ev.queries, tensors), shape)
+    union = np.unique(np.concatenate(groups))
+    singles = checked(ev.estimator.score(ev.queries, torch.as_tensor(union, dtype=torch.long, device=device)),
+                      (len(ev.queries), len(union)))
+    return np.stack([singles[:, np.searchsorted(union, g)].sum(1) for g in groups], axis=1)
 
 
 def _train_idx(ev: Evaluation) -> Any:

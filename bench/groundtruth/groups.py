@@ -14,9 +14,7 @@ correlations across the groups of one (kind, size) cell, averaged over cells.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,15 +24,23 @@ import torch
 from torch import Tensor
 
 from bench import metrics
-from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings, checked
-from bench.groundtruth.loo import base_reference, retrain_effects
+from bench.groundtruth.base import (
+    CellResult,
+    Evaluation,
+    GroundTruth,
+    ScoreMatrixProtocol,
+    Settings,
+    pack_groups,
+    predict_group_removals,
+    unpack_groups,
+)
+from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, retrain_specs, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
-from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
+from tasks.base import Task, TaskData, TrainedModel
 
 GROUP_KINDS = ("random", "same-class", "cluster")
-RETRAIN_MODES = ("warm", "scratch")
 
 
 @dataclass(frozen=True)
@@ -50,20 +56,6 @@ class GroupRemovalConfig:
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
     chunk: int = 25
-
-
-def warm_steps(task: Task, n_kept: int, epochs: float) -> int:
-    """SGD steps in ``epochs`` passes over ``n_kept`` points with the task's batch size."""
-    batch = getattr(getattr(task, "recipe", None), "batch_size", 64)
-    return max(1, round(epochs * math.ceil(n_kept / batch)))
-
-
-def retrain_specs(task: Task, retrain: str, seeds: int, steps: int, lr_factor: float) -> list[RetrainSpec]:
-    if retrain not in RETRAIN_MODES:
-        raise ValueError(f"unknown retrain mode {retrain!r}. Valid: {', '.join(RETRAIN_MODES)}")
-    if task.convex:
-        return [RetrainSpec("exact")]
-    return [RetrainSpec(retrain, s, steps, lr_factor) for s in range(seeds)]
 
 
 @dataclass(frozen=True)
@@ -112,38 +104,16 @@ def plan_groups(task: Task, data: TaskData, base: TrainedModel, config: GroupRem
     return GroupPlan(tuple(groups), np.array(kinds), np.array(fractions))
 
 
-def pack_groups(groups: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    return {"members": np.concatenate(groups), "offsets": np.cumsum([0, *map(len, groups)])}
-
-
-def unpack_groups(extra: dict[str, np.ndarray]) -> list[np.ndarray]:
-    offsets = extra["offsets"]
-    return [extra["members"][offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-
-def predict_group_removals(ev: Evaluation, groups: Sequence[np.ndarray]) -> np.ndarray:
-    """``[Q, G]`` predicted query-loss change per removed group: group scores if the estimator has them,
-    else the sum of its single-point scores over each group."""
-    device = ev.data.train.targets.device
-    tensors = [torch.as_tensor(g, dtype=torch.long, device=device) for g in groups]
-    shape = (len(ev.queries), len(groups))
-    if GROUP in ev.estimator.capabilities:
-        return checked(ev.estimator.score_groups(ev.queries, tensors), shape)
-    union = np.unique(np.concatenate(groups))
-    singles = checked(ev.estimator.score(ev.queries, torch.as_tensor(union, dtype=torch.long, device=device)),
-                      (len(ev.queries), len(union)))
-    return np.stack([singles[:, np.searchsorted(union, g)].sum(1) for g in groups], axis=1)
-
-
 def _label(kind: str, fraction: float) -> str:
     return f"{kind}@{100 * fraction:g}%"
 
 
 @registered("group")
-class GroupRemoval(Protocol):
+class GroupRemoval(ScoreMatrixProtocol):
     """Remove whole groups (random, same-class, feature-cluster; 1%–30% of the data) and retrain."""
 
     Config: ClassVar[type] = GroupRemovalConfig
+    version: ClassVar[str] = "2"  # 2: truth is the mean over seeds
     needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP})
     headline: ClassVar[str] = "pearson"
     columns: ClassVar[tuple[str, ...]] = ("spearman", "pearson_random", "pearson_same-class", "pearson_cluster",
@@ -153,49 +123,56 @@ class GroupRemoval(Protocol):
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
         plan = plan_groups(task, data, base, cfg, self.seed)
-        steps = warm_steps(task, len(data.train), cfg.warm_epochs)
+        steps = 0
+        if not task.convex and cfg.retrain == "warm":
+            check_warm_epochs(self.name, cfg.warm_epochs)
+            steps = warm_steps(task, len(data.train), cfg.warm_epochs)
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
         removals: list[Tensor] = [torch.as_tensor(g, dtype=torch.long) for g in plan.groups]
         deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference, chunk=cfg.chunk,
                                               progress=progress, desc=f"group retrains [{task.name}]")
         extra = {**pack_groups(plan.groups), "kinds": plan.kinds, "fractions": plan.fractions}
-        if not task.convex:
-            diagnostics["warm_steps" if cfg.retrain == "warm" else "scratch"] = float(steps)
-        return GroundTruth(self.name, np.array([], dtype=np.int64), deltas[0], diagnostics,
-                           deltas[1:] if len(specs) > 1 else None, extra)
+        if steps:
+            diagnostics["warm_steps"] = float(steps)
+        return GroundTruth.from_seeds(self.name, np.array([], dtype=np.int64), deltas, diagnostics, extra)
 
     def predict(self, ev: Evaluation) -> np.ndarray:
         return predict_group_removals(ev, unpack_groups(ev.truth.extra))
 
-    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
-        result = CellResult(predicted=predicted, actual=truth.actual)
+    def cells(self, truth: GroundTruth) -> dict[tuple[str, float], np.ndarray]:
+        """The columns of each (kind, size) cell that has at least 3 groups."""
         kinds, fractions = truth.extra["kinds"], truth.extra["fractions"]
-        per_cell: dict[tuple[str, float], dict[str, np.ndarray]] = {}
+        found = {}
         for code, kind in enumerate(GROUP_KINDS):
             for fraction in np.unique(fractions):
-                columns = (kinds == code) & (fractions == fraction)
-                if columns.sum() >= 3:
-                    per_cell[kind, float(fraction)] = metrics.per_query(predicted[:, columns], truth.actual[:, columns],
-                                                                        settings.top_k)
-        if not per_cell:
+                columns = np.flatnonzero((kinds == code) & (fractions == fraction))
+                if len(columns) >= 3:
+                    found[kind, float(fraction)] = columns
+        if not found:
             raise ValueError("group: every (kind, size) cell needs at least 3 groups (raise groups_per_cell)")
+        return found
 
-        def mean_over(cells: list[tuple[str, float]], name: str) -> np.ndarray:
-            """Per query, the mean over ``cells`` (cells where the query's value is undefined are skipped)."""
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN query: NaN, dropped by summarise
-                return np.nanmean(np.stack([per_cell[c][name] for c in cells]), axis=0)
+    def blocks(self, truth: GroundTruth) -> list[np.ndarray]:
+        return list(self.cells(truth).values())
 
-        cells = list(per_cell)
-        for name in ("pearson", "spearman"):
-            result.add(name, mean_over(cells, name), settings)
+    def add_columns(self, result: CellResult, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> None:
+        cells = self.cells(truth)
+        pearson = {c: metrics.rowwise("pearson", predicted[:, cols], truth.actual[:, cols]) for c, cols in cells.items()}
+        result.add("spearman", _mean_over([metrics.rowwise("spearman", predicted[:, cols], truth.actual[:, cols])
+                                           for cols in cells.values()]))
         for kind in GROUP_KINDS:
-            chosen = [c for c in cells if c[0] == kind]
+            chosen = [pearson[c] for c in cells if c[0] == kind]
             if chosen:
-                result.add(f"pearson_{kind}", mean_over(chosen, "pearson"), settings)
-        large = [c for c in cells if c[0] != "random" and c[1] >= 0.1]
+                result.add(f"pearson_{kind}", _mean_over(chosen))
+        large = [pearson[c] for c in cells if c[0] != "random" and c[1] >= 0.1]
         if large:
-            result.add("pearson_coherent_large", mean_over(large, "pearson"), settings)
-        for cell in cells:
-            result.add(f"pearson[{_label(*cell)}]", per_cell[cell]["pearson"], settings)
-        return result
+            result.add("pearson_coherent_large", _mean_over(large))
+        for cell, values in pearson.items():
+            result.add(f"pearson[{_label(*cell)}]", values)
+
+
+def _mean_over(per_cell: list[np.ndarray]) -> np.ndarray:
+    """Per query, the mean over cells where the query's value is defined (all-NaN query: NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(per_cell), axis=0)

@@ -6,9 +6,9 @@ otherwise warm-started for ``warm_epochs`` against a same-seed control) and the
 query losses measured. An estimator predicts each subset's effect as the
 removal of its complement (group scores, or the sum of single scores). LDS is
 the mean over queries of the Spearman correlation across subsets between
-prediction and actual loss change. With several seeds, the first half of the
-seeds is averaged into the ground truth and the second half into a replicate,
-whose LDS against the first is the noise ceiling.
+prediction and actual loss change, the actual change being the mean over the
+retraining seeds (TRAK averages several models per subset the same way); the
+seeds' agreement gives the noise ceiling.
 """
 
 from __future__ import annotations
@@ -20,9 +20,17 @@ import numpy as np
 import torch
 
 from bench import metrics
-from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings
-from bench.groundtruth.groups import pack_groups, predict_group_removals, retrain_specs, unpack_groups, warm_steps
-from bench.groundtruth.loo import base_reference, retrain_effects
+from bench.groundtruth.base import (
+    CellResult,
+    Evaluation,
+    GroundTruth,
+    ScoreMatrixProtocol,
+    Settings,
+    pack_groups,
+    predict_group_removals,
+    unpack_groups,
+)
+from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, retrain_specs, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -54,36 +62,34 @@ def plan_subsets(n_train: int, n_subsets: int, alpha: float, seed: int) -> list[
 
 
 @registered("lds")
-class LinearDatamodelingScore(Protocol):
+class LinearDatamodelingScore(ScoreMatrixProtocol):
     """Spearman, per query, across random α-subsets: predicted vs actual loss change."""
 
     Config: ClassVar[type] = LdsConfig
+    version: ClassVar[str] = "2"  # 2: truth is the mean over all seeds (was the first half)
     needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP})
     headline: ClassVar[str] = "lds"
+    correlation: ClassVar[str] = "spearman"
     columns: ClassVar[tuple[str, ...]] = ("pearson",)
     column_noun: ClassVar[str] = "subsets"
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
         removed = plan_subsets(len(data.train), cfg.n_subsets, cfg.alpha, self.seed)
-        steps = warm_steps(task, len(data.train) - len(removed[0]), cfg.warm_epochs)
+        steps = 0
+        if not task.convex and cfg.retrain == "warm":
+            check_warm_epochs(self.name, cfg.warm_epochs)
+            steps = warm_steps(task, len(data.train) - len(removed[0]), cfg.warm_epochs)
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
         deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
                                               base_reference, chunk=cfg.chunk, progress=progress,
                                               desc=f"lds retrains [{task.name}]")
-        half = (len(deltas) + 1) // 2
-        actual = deltas[:half].mean(0)
-        replicate = deltas[half:].mean(0)[None] if len(deltas) > 1 else None
-        if not task.convex:
-            diagnostics["warm_steps" if cfg.retrain == "warm" else "scratch"] = float(steps)
-        return GroundTruth(self.name, np.array([], dtype=np.int64), actual, diagnostics, replicate, pack_groups(removed))
+        if steps:
+            diagnostics["warm_steps"] = float(steps)
+        return GroundTruth.from_seeds(self.name, np.array([], dtype=np.int64), deltas, diagnostics, pack_groups(removed))
 
     def predict(self, ev: Evaluation) -> np.ndarray:
         return predict_group_removals(ev, unpack_groups(ev.truth.extra))
 
-    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
-        result = CellResult(predicted=predicted, actual=truth.actual)
-        values = metrics.per_query(predicted, truth.actual, settings.top_k)
-        result.add("lds", values["spearman"], settings)
-        result.add("pearson", values["pearson"], settings)
-        return result
+    def add_columns(self, result: CellResult, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> None:
+        result.add("pearson", metrics.rowwise("pearson", predicted, truth.actual))

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings, checked
+from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, checked
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import SELF_INFLUENCE
@@ -111,6 +111,3 @@ class MislabelDetection(Protocol):
         result = CellResult()
         result.metrics.update(detection_metrics(values, ev.truth.actual[0].astype(bool)))
         return result
-
-    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
-        raise NotImplementedError("mislabel judges self-influence rankings, not score matrices")

@@ -1,17 +1,16 @@
 """Agreement as a function of retraining length (Schioppa et al., NeurIPS 2023).
 
 Removal effects are measured after warm-started retraining from θ̂ for each of
-several lengths T (in SGD steps, against a same-seed control run of the same
-length), for the same removals: single points (``group_size = 1``, leave-one-out)
-or seeded random groups, whose larger effects rise above the retraining noise of
-deep models. Predictions are the estimator's single scores (summed over a group,
-or its group scores), compared with each T separately; the headline is the mean
-over T.
+several lengths T (in epochs over the kept data, each ≥ 1 so every removed point
+is visited; against a same-seed control run of the same length), for the same
+removals: single points (``group_size = 1``, leave-one-out) or seeded random
+groups, whose larger effects rise above the retraining noise of deep models.
+Predictions are the estimator's single scores (summed over a group, or its group
+scores), compared with each T separately; the headline is the mean over T.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,9 +18,18 @@ import numpy as np
 import torch
 
 from bench import metrics
-from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, Settings
-from bench.groundtruth.groups import pack_groups, predict_group_removals, unpack_groups
-from bench.groundtruth.loo import base_reference, plan_removals, retrain_effects
+from bench.groundtruth.base import (
+    CellResult,
+    Evaluation,
+    GroundTruth,
+    ScoreMatrixProtocol,
+    Settings,
+    pack_groups,
+    predict_group_removals,
+    unpack_groups,
+)
+from bench.groundtruth.loo import plan_removals
+from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -30,12 +38,13 @@ from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
 
 @dataclass(frozen=True)
 class RetrainLengthConfig:
-    """``steps``: the retraining lengths T swept; ``n_removed`` removals of ``group_size`` random points
-    each (1: leave-one-out); ``seeds`` for the noise ceiling."""
+    """``epochs``: the retraining lengths T swept (whole passes over the kept data, each ≥ 1);
+    ``n_removed`` removals of ``group_size`` random points each (1: leave-one-out); ``seeds`` for the
+    noise ceiling."""
 
     n_removed: int = 30
     group_size: int = 1
-    steps: tuple[int, ...] = (25, 100, 400)
+    epochs: tuple[float, ...] = (1.0, 2.0, 4.0)
     seeds: int = 2
     lr_factor: float = 0.1
     chunk: int = 10
@@ -55,55 +64,52 @@ def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int
     return [np.sort(generator.choice(n_train, group_size, replace=False)) for _ in range(n_removed)]
 
 
-def _label(steps: int) -> str:
-    return f"pearson@T={steps}"
+def _label(epochs: float) -> str:
+    return f"pearson@{epochs:g}ep"
 
 
 @registered("retrain-length")
-class RetrainLength(Protocol):
-    """Removal effects (single points or random groups) after T warm-started SGD steps, for several T."""
+class RetrainLength(ScoreMatrixProtocol):
+    """Removal effects (single points or random groups) after T epochs of warm-started SGD, for several T."""
 
     Config: ClassVar[type] = RetrainLengthConfig
-    version: ClassVar[str] = "2"  # 2: removals stored as groups (group_size)
+    version: ClassVar[str] = "3"  # 2: removals stored as groups; 3: lengths in epochs, truth the mean over seeds
     needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP})
     headline: ClassVar[str] = "pearson"
+    aligned_blocks: ClassVar[bool] = True  # block t holds the same removals, retrained for the t-th length
     column_noun: ClassVar[str] = "(removal, T) pairs"
 
     @property
     def columns(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(_label(t) for t in self.config.steps)
+        return tuple(_label(t) for t in self.config.epochs)
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
-        if not cfg.steps or min(cfg.steps) < 1:
-            raise ValueError(f"retrain-length: steps must be positive step counts, got {list(cfg.steps)}")
+        if not cfg.epochs:
+            raise ValueError("retrain-length: epochs must list at least one retraining length")
+        for epochs in cfg.epochs:
+            check_warm_epochs(self.name, epochs)
         groups = plan_removal_groups(len(data.train), cfg.n_removed, cfg.group_size, self.seed)
-        blocks, diagnostics = [], {}
-        for steps in cfg.steps:
-            specs = [RetrainSpec("warm", s, steps, cfg.lr_factor) for s in range(cfg.seeds)]
+        blocks, diagnostics, steps = [], {}, []
+        for epochs in cfg.epochs:
+            steps.append(warm_steps(task, len(data.train) - cfg.group_size, epochs))
+            specs = [RetrainSpec("warm", s, steps[-1], cfg.lr_factor) for s in range(cfg.seeds)]
             deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
                                                   base_reference, chunk=cfg.chunk, progress=progress,
-                                                  desc=f"retrain-length T={steps} [{task.name}]")
+                                                  desc=f"retrain-length T={epochs:g} epochs [{task.name}]")
             blocks.append(deltas)
         stacked = np.concatenate(blocks, axis=2)  # [S, Q, T·R], T-major
-        extra = {"steps": np.array(cfg.steps), **pack_groups(groups)}  # the columns: each removal, for each T
-        return GroundTruth(self.name, np.array([], dtype=np.int64), stacked[0], diagnostics,
-                           stacked[1:] if cfg.seeds > 1 else None, extra)
+        extra = {"epochs": np.array(cfg.epochs, dtype=np.float64), "steps": np.array(steps), **pack_groups(groups)}
+        return GroundTruth.from_seeds(self.name, np.array([], dtype=np.int64), stacked, diagnostics, extra)
 
     def predict(self, ev: Evaluation) -> np.ndarray:
         removals = predict_group_removals(ev, unpack_groups(ev.truth.extra))
-        return np.tile(removals, (1, len(ev.truth.extra["steps"])))
+        return np.tile(removals, (1, len(ev.truth.extra["epochs"])))
 
-    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
-        result = CellResult(predicted=predicted, actual=truth.actual)
+    def blocks(self, truth: GroundTruth) -> list[np.ndarray]:
         width = len(truth.extra["offsets"]) - 1
-        per_length = []
-        for block, steps in enumerate(truth.extra["steps"].tolist()):
-            columns = slice(block * width, (block + 1) * width)
-            values = metrics.per_query(predicted[:, columns], truth.actual[:, columns], settings.top_k)["pearson"]
-            result.add(_label(steps), values, settings)
-            per_length.append(values)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a query undefined at every T stays NaN
-            result.add("pearson", np.nanmean(np.stack(per_length), axis=0), settings)
-        return result
+        return [np.arange(t * width, (t + 1) * width) for t in range(len(truth.extra["epochs"]))]
+
+    def add_columns(self, result: CellResult, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> None:
+        for epochs, columns in zip(truth.extra["epochs"].tolist(), self.blocks(truth), strict=True):
+            result.add(_label(epochs), metrics.rowwise("pearson", predicted[:, columns], truth.actual[:, columns]))

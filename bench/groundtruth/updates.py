@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.groundtruth.base import CellResult, Evaluation, EvaluationError, GroundTruth, Protocol, Settings
-from bench.groundtruth.groups import warm_steps
+from bench.groundtruth.base import CellResult, Evaluation, EvaluationError, GroundTruth, Protocol
+from bench.groundtruth.retraining import warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import PARAMETER_UPDATE
@@ -74,6 +74,7 @@ class UpdateProtocol(Protocol):
     headline: ClassVar[str] = "f1"
     columns: ClassVar[tuple[str, ...]] = ("forget", "retain", "param_distance")
     column_noun: ClassVar[str] = "change"
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"param_distance"})
 
     def plan(self, task: Task, data: TaskData) -> tuple[np.ndarray, np.ndarray | None]:
         """Training indices changed, and their new labels (None: removed)."""
@@ -129,8 +130,6 @@ class UpdateProtocol(Protocol):
         result.details = {"changed_parameters": sorted(delta)}
         return result
 
-    def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
-        raise NotImplementedError("update protocols judge parameter updates, not score matrices")
 
 
 def relabelled(data: TaskData, changed: np.ndarray, new_labels: np.ndarray) -> TaskData:

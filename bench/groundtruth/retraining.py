@@ -1,0 +1,81 @@
+"""Retraining shared by every protocol: plan specs, run the retrains, measure query-loss changes.
+
+Warm-started retrains are sized in epochs over the kept points (≥ 1, so every
+training point is visited and no removal is structurally invisible); the batch
+order of replicate s comes from the task's seed (and so from the suite's ``--seed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tasks.base import Params, RetrainSpec, Task, TaskData, TrainedModel
+
+RETRAIN_MODES = ("warm", "scratch")
+
+Reference = Callable[[Task, TaskData, TrainedModel, RetrainSpec], Params]
+
+
+def warm_steps(task: Task, n_kept: int, epochs: float) -> int:
+    """SGD steps in ``epochs`` passes over ``n_kept`` points with the task's own batch size."""
+    return max(1, round(epochs * task.steps_per_epoch(n_kept)))
+
+
+def check_warm_epochs(protocol: str, epochs: float) -> None:
+    """Warm retrains shorter than one epoch never see some removed points (their effect is exactly 0)."""
+    if not epochs >= 1:
+        raise ValueError(f"{protocol}: warm retrains must last at least 1 epoch (every removed point visited), "
+                         f"got {epochs}")
+
+
+def retrain_specs(task: Task, retrain: str, seeds: int, steps: int, lr_factor: float) -> list[RetrainSpec]:
+    """One spec per retraining seed (a convex task retrains exactly, once)."""
+    if retrain not in RETRAIN_MODES:
+        raise ValueError(f"unknown retrain mode {retrain!r}. Valid: {', '.join(RETRAIN_MODES)}")
+    if task.convex:
+        return [RetrainSpec("exact")]
+    return [RetrainSpec(retrain, s, steps, lr_factor) for s in range(seeds)]
+
+
+def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor], specs: Sequence[RetrainSpec],
+                    reference: Reference, *, chunk: int = 25, progress: bool = True,
+                    desc: str = "retrains") -> tuple[np.ndarray, dict[str, float]]:
+    """``[len(specs), Q, len(removals)]`` query-loss changes: retrained without each removal, under each
+    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run)."""
+    model, queries = task.build_model(), data.queries
+    deltas = np.zeros((len(specs), len(queries), len(removals)))
+    grad_norms: list[float] = []
+    bar = tqdm(total=len(specs) * len(removals), desc=desc, unit="retrain", disable=not progress, leave=False)
+    for s, spec in enumerate(specs):
+        reference_params = reference(task, data, base, spec)  # may train: outside no_grad
+        with torch.no_grad():
+            reference_loss = task.per_example_loss(model, reference_params, queries)
+        for start in range(0, len(removals), chunk):
+            part = list(removals[start : start + chunk])
+            for j, result in enumerate(task.retrain_without(data, base, part, spec)):
+                with torch.no_grad():
+                    deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference_loss).cpu()
+                if "grad_norm" in result.diagnostics:
+                    grad_norms.append(result.diagnostics["grad_norm"])
+            bar.update(len(part))
+    bar.close()
+    diagnostics: dict[str, float] = {"seeds": float(len({spec.seed for spec in specs})),
+                                     "exact_retraining": float(task.convex)}
+    if grad_norms:
+        diagnostics["max_retrain_grad_norm"] = max(grad_norms)
+    return deltas, diagnostics
+
+
+def base_reference(task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
+    """The parameters Δ is measured against: θ̂ (exact), the same-seed control run (warm), or the
+    base model of the replicate's seed (scratch)."""
+    if spec.mode == "exact" or (task.convex and spec.mode == "scratch"):  # a convex task's scratch retrain is exact
+        return base.params
+    if spec.mode == "warm":
+        return task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
+    return base.params if spec.seed == 0 else task.train(data, seed=task.replicate_seed(spec.seed)).params
