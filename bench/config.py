@@ -98,7 +98,10 @@ def make_config(config_cls: type[C], options: Mapping[str, Any], what: str, base
     for key, value in options.items():
         current = getattr(start, key)
         checked[key] = _coerce(value, current, f"{what}.{key}")
-    return dataclasses.replace(start, **checked)  # type: ignore[type-var]
+    try:
+        return dataclasses.replace(start, **checked)  # type: ignore[type-var]
+    except ValueError as err:  # a config's own __post_init__ check: refused at planning, before any work
+        raise ConfigError(f"{what}: {err}") from None
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:

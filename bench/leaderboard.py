@@ -163,6 +163,7 @@ def _facts(head: dict[str, Any]) -> list[str]:
     if gt.get("max_retrain_grad_norm") is not None:
         facts.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
     if gt.get("retrained_f1") is not None:
+        facts.append("test metrics on the evaluation half of the test split, α* chosen on the validation half")
         for who, label in (("retrained", "retrained model"), ("original", "θ̂ (no update)")):
             facts.append(f"{label}: F1 {_num(gt.get(f'{who}_f1'))} (forget {_num(gt.get(f'{who}_forget'))}, "
                          f"retain {_num(gt.get(f'{who}_retain'))})")

@@ -44,7 +44,7 @@ VECTORISED = ("pearson", "spearman")
 
 
 _TITLES = {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "lds": "LDS", "auc": "AUC",
-           "f1": "F1", "param_distance": "‖θ−θ_R‖ rel."}
+           "f1": "F1", "param_distance": "‖θ−θ_R‖ rel.", "f1_best_alpha": "F1 at α* (validation)", "alpha_star": "α*"}
 
 
 def metric_title(name: str, top_k: int = 10) -> str:

@@ -324,3 +324,71 @@ def test_protocol_models_are_cached_with_their_ground_truth(tmp_path):
     grad_dot = records[-1]
     assert grad_dot["estimator"] == "grad-dot" and grad_dot["status"] == "ok"
     assert grad_dot["groundtruth_diagnostics"]["seconds"] == first["tracin"]["groundtruth_diagnostics"]["seconds"]
+
+
+def test_confused_flips_go_to_the_wrong_class_theta_hat_likes_most(toy_task):
+    task, data, base = toy_task
+    truth = MislabelDetection(MislabelConfig(fraction=0.1), seed=0).compute(task, data, base, progress=False)
+    logits, labels = MislabelDetection._logits(task, base, data.train), data.train.targets.numpy()
+    for i in truth.extra["flipped"]:
+        wrong = logits[i].copy()
+        wrong[labels[i]] = -np.inf
+        assert truth.extra["noisy_labels"][i] == np.argmax(wrong) != labels[i]
+    uniform = MislabelDetection(MislabelConfig(fraction=0.1, flip="uniform"), seed=0).compute(task, data, base,
+                                                                                             progress=False)
+    assert uniform.extra["flipped"].tolist() == truth.extra["flipped"].tolist()  # the same points, other labels
+    assert (uniform.extra["noisy_labels"] != truth.extra["noisy_labels"]).any()
+
+
+def test_auc_interval_brackets_the_auc_and_narrows_with_more_points():
+    from bench.groundtruth.mislabel import auc_interval
+
+    generator = np.random.default_rng(0)
+
+    def width(n):
+        is_flipped = np.arange(n) < n // 10
+        values = generator.normal(size=n) + 1.5 * is_flipped
+        low, high = auc_interval(values, is_flipped, resamples=400, seed=1)
+        assert low <= detection_metrics(values, is_flipped)["auc"] <= high
+        return high - low
+
+    assert width(2000) < width(200) / 2  # about 1/√10 as wide
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ('name = "loo-warm"\nwarm_epochs = 0.5', "protocol loo-warm: warm retrains must last at least 1 epoch"),
+    ('name = "retrain-length"\nepochs = [1, 0.25]', "protocol retrain-length: warm retrains must last at least 1 epoch"),
+    ('name = "lds"\nretrain = "hot"', "protocol lds: unknown retrain mode 'hot'. Valid: warm, scratch"),
+    ('name = "mislabel"\nflip = "random"', "protocol mislabel: mislabel: unknown flip 'random'. Valid: confused, uniform"),
+])
+def test_bad_protocol_values_are_refused_before_any_work(tmp_path, capsys, options, message):
+    suite, results = tmp_path / "suite.toml", tmp_path / "results"
+    suite.write_text(f'name = "bad"\nestimators = ["random"]\n[[tasks]]\nname = "toy-logreg"\n[[protocols]]\n{options}\n')
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not results.exists()  # nothing trained, nothing written
+
+
+def test_update_protocols_choose_alpha_on_the_validation_half(toy_task):
+    """α = 1 is the estimator's own update; α* maximises F1 on the validation half and is judged on the other."""
+    from bench.groundtruth.updates import ALPHAS, halves, summary
+
+    task, data, base = toy_task
+    protocol = ClassRemoval(ClassRemovalConfig(target_class=1), seed=0)
+    truth = protocol.compute(task, data, base, progress=False)
+    exact = {n: torch.as_tensor(truth.extra[f"retrained.{n}"]) - base.params[n] for n in base.params}
+    nothing = protocol.evaluate(evaluation(FixedUpdate({n: 0 * d for n, d in exact.items()}), truth, task, data, base))
+    assert nothing.metrics["alpha_star"] == 1.0 and nothing.metrics["f1_best_alpha"] == nothing.metrics["f1"]
+    assert nothing.metrics["f1"] == pytest.approx(truth.diagnostics["original_f1"])  # both on the evaluation half
+    assert nothing.ci["f1"][0] <= nothing.metrics["f1"] <= nothing.ci["f1"][1]
+    shrunk = protocol.evaluate(evaluation(FixedUpdate({n: d / 4 for n, d in exact.items()}), truth, task, data, base))
+    alpha = shrunk.metrics["alpha_star"]
+    validation, held_out = halves(data.test, protocol.seed)
+
+    def f1(a, split):
+        params = {n: base.params[n] + a * exact[n] / 4 for n in base.params}
+        return summary(protocol.hits(task, data, params, truth.extra, split))["f1"]
+
+    assert alpha >= 2  # the shrunk step is scaled back up towards the retrained model
+    assert f1(alpha, validation) == max(f1(a, validation) for a in ALPHAS)
+    assert shrunk.metrics["f1_best_alpha"] == f1(alpha, held_out) > shrunk.metrics["f1"]

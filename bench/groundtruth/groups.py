@@ -34,7 +34,14 @@ from bench.groundtruth.base import (
     predict_group_removals,
     unpack_groups,
 )
-from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, retrain_specs, warm_steps
+from bench.groundtruth.retraining import (
+    base_reference,
+    check_retrain_mode,
+    check_warm_epochs,
+    retrain_effects,
+    retrain_specs,
+    warm_steps,
+)
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -57,6 +64,10 @@ class GroupRemovalConfig:
     warm_lr_factor: float = 0.1
     chunk: int = 25
 
+
+    def __post_init__(self) -> None:
+        check_retrain_mode(self.retrain)
+        check_warm_epochs(self.warm_epochs)
 
 @dataclass(frozen=True)
 class GroupPlan:
@@ -125,8 +136,7 @@ class GroupRemoval(ScoreMatrixProtocol):
         plan = plan_groups(task, data, base, cfg, self.seed)
         steps = 0
         if not task.convex and cfg.retrain == "warm":
-            check_warm_epochs(self.name, cfg.warm_epochs)
-            steps = warm_steps(task, len(data.train), cfg.warm_epochs)
+                        steps = warm_steps(task, len(data.train), cfg.warm_epochs)
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
         removals: list[Tensor] = [torch.as_tensor(g, dtype=torch.long) for g in plan.groups]
         deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference, chunk=cfg.chunk,

@@ -30,7 +30,14 @@ from bench.groundtruth.base import (
     predict_group_removals,
     unpack_groups,
 )
-from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, retrain_specs, warm_steps
+from bench.groundtruth.retraining import (
+    base_reference,
+    check_retrain_mode,
+    check_warm_epochs,
+    retrain_effects,
+    retrain_specs,
+    warm_steps,
+)
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -49,6 +56,10 @@ class LdsConfig:
     warm_lr_factor: float = 0.1
     chunk: int = 10
 
+
+    def __post_init__(self) -> None:
+        check_retrain_mode(self.retrain)
+        check_warm_epochs(self.warm_epochs)
 
 def plan_subsets(n_train: int, n_subsets: int, alpha: float, seed: int) -> list[np.ndarray]:
     """The *removed* complement of each subset (sorted indices), from the seed alone."""
@@ -78,8 +89,7 @@ class LinearDatamodelingScore(ScoreMatrixProtocol):
         removed = plan_subsets(len(data.train), cfg.n_subsets, cfg.alpha, self.seed)
         steps = 0
         if not task.convex and cfg.retrain == "warm":
-            check_warm_epochs(self.name, cfg.warm_epochs)
-            steps = warm_steps(task, len(data.train) - len(removed[0]), cfg.warm_epochs)
+                        steps = warm_steps(task, len(data.train) - len(removed[0]), cfg.warm_epochs)
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
         deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
                                               base_reference, chunk=cfg.chunk, progress=progress,

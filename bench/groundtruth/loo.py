@@ -42,6 +42,11 @@ class LooConfig:
     warm_lr_factor: float = 0.1
 
 
+    def __post_init__(self) -> None:
+        check_warm_epochs(self.warm_epochs)
+        if self.seeds < 1 or self.chunk < 1:
+            raise ValueError(f"seeds and chunk must be ≥ 1, got seeds={self.seeds}, chunk={self.chunk}")
+
 def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
     """Sorted, distinct training indices to leave out, chosen from the seed alone."""
     if not 2 <= n_removed <= n_train:
@@ -66,8 +71,7 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
         steps = 0
         if self.mode == "warm":
-            check_warm_epochs(self.name, self.config.warm_epochs)
-            steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
+                        steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
         specs = [RetrainSpec(self.mode, s, steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
         deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
                                               base_reference, chunk=self.config.chunk, progress=progress,

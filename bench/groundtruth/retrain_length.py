@@ -50,6 +50,12 @@ class RetrainLengthConfig:
     chunk: int = 10
 
 
+    def __post_init__(self) -> None:
+        if not self.epochs:
+            raise ValueError("epochs must list at least one retraining length")
+        for epochs in self.epochs:
+            check_warm_epochs(epochs)
+
 def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int) -> list[np.ndarray]:
     """``n_removed`` sorted index arrays: single points (``group_size = 1``, as ``loo`` plans them) or random
     groups of ``group_size`` distinct points, from the seed alone."""
@@ -85,10 +91,6 @@ class RetrainLength(ScoreMatrixProtocol):
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
-        if not cfg.epochs:
-            raise ValueError("retrain-length: epochs must list at least one retraining length")
-        for epochs in cfg.epochs:
-            check_warm_epochs(self.name, epochs)
         groups = plan_removal_groups(len(data.train), cfg.n_removed, cfg.group_size, self.seed)
         blocks, diagnostics, steps = [], {}, []
         for epochs in cfg.epochs:

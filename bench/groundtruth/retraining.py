@@ -26,17 +26,20 @@ def warm_steps(task: Task, n_kept: int, epochs: float) -> int:
     return max(1, round(epochs * task.steps_per_epoch(n_kept)))
 
 
-def check_warm_epochs(protocol: str, epochs: float) -> None:
+def check_warm_epochs(epochs: float) -> None:
     """Warm retrains shorter than one epoch never see some removed points (their effect is exactly 0)."""
     if not epochs >= 1:
-        raise ValueError(f"{protocol}: warm retrains must last at least 1 epoch (every removed point visited), "
-                         f"got {epochs}")
+        raise ValueError(f"warm retrains must last at least 1 epoch (every removed point visited), got {epochs}")
+
+
+def check_retrain_mode(retrain: str) -> None:
+    if retrain not in RETRAIN_MODES:
+        raise ValueError(f"unknown retrain mode {retrain!r}. Valid: {', '.join(RETRAIN_MODES)}")
 
 
 def retrain_specs(task: Task, retrain: str, seeds: int, steps: int, lr_factor: float) -> list[RetrainSpec]:
     """One spec per retraining seed (a convex task retrains exactly, once)."""
-    if retrain not in RETRAIN_MODES:
-        raise ValueError(f"unknown retrain mode {retrain!r}. Valid: {', '.join(RETRAIN_MODES)}")
+    check_retrain_mode(retrain)
     if task.convex:
         return [RetrainSpec("exact")]
     return [RetrainSpec(retrain, s, steps, lr_factor) for s in range(seeds)]

@@ -12,7 +12,15 @@ model actually retrained without (or with the new labels of) those points:
 - ``param_distance``: ‖θ_updated − θ_retrained‖ / ‖θ̂ − θ_retrained‖ over all
   parameters (0: the update is the retrained model; 1: no better than no update).
 
-The retrained model's and θ̂'s own values are recorded with the ground truth.
+Two views of an update: the estimator's own Δθ (α = 1: ``f1``, ``forget``,
+``retain``, ``param_distance``), and θ̂ + α*·Δθ with α* the step on a grid of
+powers of two that maximises F1 on a *validation* half of the test split
+(``f1_best_alpha``, ``alpha_star``). The GIF authors scale the update and keep
+the best F1 along that line; choosing α on the validation half and reporting on
+the other, *evaluation* half keeps the choice off the numbers it is judged by.
+Test-set metrics are on the evaluation half, with 95% intervals from resampling
+its points (and the forget set) with replacement. The retrained model's and θ̂'s
+own values are recorded with the ground truth.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from bench.groundtruth.base import CellResult, Evaluation, EvaluationError, GroundTruth, Protocol
-from bench.groundtruth.retraining import warm_steps
+from bench.groundtruth.retraining import check_retrain_mode, check_warm_epochs, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import PARAMETER_UPDATE
@@ -41,6 +50,10 @@ class ClassRemovalConfig:
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_retrain_mode(self.retrain)
+        check_warm_epochs(self.warm_epochs)
+
 
 @dataclass(frozen=True)
 class LabelChangeConfig:
@@ -51,28 +64,62 @@ class LabelChangeConfig:
     source_class: int = -1
     target_class: int = -1
 
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"label-change: fraction must be in (0, 1), got {self.fraction}")
+
 
 def _flatten(params: Params, names: list[str]) -> Tensor:
     return torch.cat([params[n].detach().reshape(-1).double().cpu() for n in names])
 
 
+#: The scalings of Δθ the validation sweep tries (powers of two, 1/8 to 256).
+ALPHAS = tuple(2.0**k for k in range(-3, 9))
+
+#: Per-point success indicators of a model: ``{"forget": [n_f], "retain": [n_r]}`` (booleans).
+Hits = dict[str, np.ndarray]
+
+
 @torch.no_grad()
-def _accuracy(task: Task, params: Params, split: Split) -> float:
+def correct(task: Task, params: Params, split: Split) -> np.ndarray:
+    """``[len(split)]`` whether the model predicts each target."""
     if len(split) == 0:
-        return float("nan")
-    return task.accuracy(task.build_model(), params, split)
+        return np.zeros(0, dtype=bool)
+    logits = functional_call(task.build_model(), params, (split.inputs,))
+    return (logits.argmax(-1) == split.targets).cpu().numpy()
 
 
 def _harmonic(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
+def summary(hits: Hits) -> dict[str, float]:
+    """forget, retain (means of the indicators) and their harmonic mean f1."""
+    forget, retain = (float(hits[k].mean()) if len(hits[k]) else float("nan") for k in ("forget", "retain"))
+    return {"forget": forget, "retain": retain, "f1": _harmonic(forget, retain)}
+
+
+def f1_interval(hits: Hits, *, resamples: int, seed: int) -> list[float]:
+    """Percentile 95% CI of F1, resampling the forget and retain points separately."""
+    generator = np.random.default_rng(seed)
+    values = [summary({k: v[generator.integers(0, len(v), len(v))] for k, v in hits.items()})["f1"]
+              for _ in range(resamples)]
+    return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
+
+
+def halves(test: Split, seed: int) -> tuple[Split, Split]:
+    """(validation, evaluation): a seeded split of the test set in two halves."""
+    order = rng(seed, "updates", "validation").permutation(len(test))
+    return test.subset(np.sort(order[: len(test) // 2])), test.subset(np.sort(order[len(test) // 2 :]))
+
+
 class UpdateProtocol(Protocol):
     """Shared: retrain once on the changed data, then judge estimators' updated models."""
 
     needs: ClassVar[frozenset[str]] = frozenset({PARAMETER_UPDATE})
+    version: ClassVar[str] = "2"  # 2: metrics on the evaluation half; α* chosen on the validation half
     headline: ClassVar[str] = "f1"
-    columns: ClassVar[tuple[str, ...]] = ("forget", "retain", "param_distance")
+    columns: ClassVar[tuple[str, ...]] = ("f1_best_alpha", "alpha_star", "forget", "retain", "param_distance")
     column_noun: ClassVar[str] = "change"
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"param_distance"})
 
@@ -80,14 +127,12 @@ class UpdateProtocol(Protocol):
         """Training indices changed, and their new labels (None: removed)."""
         raise NotImplementedError
 
-    def scores(self, task: Task, data: TaskData, params: Params, extra: dict[str, np.ndarray]) -> dict[str, float]:
-        """forget, retain, f1 of a model (see the module docstring)."""
+    def hits(self, task: Task, data: TaskData, params: Params, extra: dict[str, np.ndarray], test: Split) -> Hits:
+        """A model's forget and retain indicators, with ``test`` as the test split (see the module docstring)."""
         raise NotImplementedError
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
-        if getattr(cfg, "retrain", "scratch") not in ("warm", "scratch"):
-            raise ValueError(f"{self.name}: unknown retrain mode {cfg.retrain!r}. Valid: warm, scratch")
         changed, new_labels = self.plan(task, data)
         index = torch.as_tensor(changed, dtype=torch.long)
         if new_labels is None:
@@ -103,8 +148,10 @@ class UpdateProtocol(Protocol):
         with torch.no_grad():
             actual = (task.per_example_loss(model, retrained, data.test) -
                       task.per_example_loss(model, base.params, data.test)).cpu().numpy()[:, None]
-        diagnostics: dict[str, Any] = {f"retrained_{k}": v for k, v in self.scores(task, data, retrained, extra).items()}
-        diagnostics.update({f"original_{k}": v for k, v in self.scores(task, data, base.params, extra).items()})
+        _, evaluation = halves(data.test, self.seed)
+        diagnostics: dict[str, Any] = {
+            f"{who}_{k}": v for who, params in (("retrained", retrained), ("original", base.params))
+            for k, v in summary(self.hits(task, data, params, extra, evaluation)).items()}
         diagnostics["changed_points"] = float(len(changed))
         return GroundTruth(self.name, changed, actual, diagnostics, None, extra)
 
@@ -117,12 +164,21 @@ class UpdateProtocol(Protocol):
         unknown = set(delta) - set(base)
         if unknown:
             raise ValueError(f"update() returned parameters the model does not have: {sorted(unknown)}")
-        updated = {n: (v + delta[n].to(v.dtype) if n in delta else v) for n, v in base.items()}
         if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
             raise EvaluationError("update() returned non-finite values")
+
+        def scaled(alpha: float) -> Params:
+            return {n: (v + alpha * delta[n].to(v.dtype) if n in delta else v) for n, v in base.items()}
+
+        updated, (validation, evaluation) = scaled(1.0), halves(ev.data.test, self.seed)
+        alpha_star = max(sorted(ALPHAS, key=lambda a: abs(np.log2(a))),  # ties: the step closest to α = 1
+                         key=lambda a: summary(self.hits(ev.task, ev.data, scaled(a), extra, validation))["f1"])
+        own, best = (self.hits(ev.task, ev.data, scaled(a), extra, evaluation) for a in (1.0, alpha_star))
         result = CellResult()
-        for name, value in self.scores(ev.task, ev.data, updated, extra).items():
-            result.metrics[name] = value
+        result.metrics.update(summary(own))
+        result.metrics.update(f1_best_alpha=summary(best)["f1"], alpha_star=alpha_star)
+        result.ci["f1"] = f1_interval(own, resamples=ev.settings.resamples, seed=ev.settings.seed)
+        result.ci["f1_best_alpha"] = f1_interval(best, resamples=ev.settings.resamples, seed=ev.settings.seed)
         names = list(base)
         retrained = torch.cat([torch.as_tensor(extra[f"retrained.{n}"]).reshape(-1).double() for n in names])
         gap = float((_flatten(base, names) - retrained).norm())
@@ -159,13 +215,11 @@ class ClassRemoval(UpdateProtocol):
         self.target = _pick_class(labels, self.config.target_class, self.seed, "class-removal")
         return np.flatnonzero(labels == self.target), None
 
-    def scores(self, task: Task, data: TaskData, params: Params, extra: dict[str, np.ndarray]) -> dict[str, float]:
+    def hits(self, task: Task, data: TaskData, params: Params, extra: dict[str, np.ndarray], test: Split) -> Hits:
         target = int(data.train.targets[int(extra["changed"][0])])
-        test_labels = data.test.targets.cpu().numpy()
-        forget = 1.0 - _accuracy(task, params, data.test.subset(np.flatnonzero(test_labels == target)))
-        retain = _accuracy(task, params, data.test.subset(np.flatnonzero(test_labels != target)))
-        removed_train = _accuracy(task, params, data.train.subset(extra["changed"]))
-        return {"forget": forget, "retain": retain, "f1": _harmonic(forget, retain), "removed_train_accuracy": removed_train}
+        removed_class = (test.targets == target).cpu().numpy()
+        hit = correct(task, params, test)
+        return {"forget": ~hit[removed_class], "retain": hit[~removed_class]}
 
 
 @registered("label-change")
@@ -177,8 +231,6 @@ class LabelChange(UpdateProtocol):
 
     def plan(self, task: Task, data: TaskData) -> tuple[np.ndarray, np.ndarray | None]:
         cfg = self.config
-        if not 0 < cfg.fraction < 1:
-            raise ValueError(f"label-change: fraction must be in (0, 1), got {cfg.fraction}")
         labels = data.train.targets.cpu().numpy()
         source = _pick_class(labels, cfg.source_class, self.seed, "label-change", "source")
         target = _pick_class(labels, cfg.target_class, self.seed, "label-change", "target", exclude=source)
@@ -187,8 +239,6 @@ class LabelChange(UpdateProtocol):
         changed = np.sort(rng(self.seed, "label-change", "points").choice(pool, size, replace=False))
         return changed, np.full(size, target, dtype=np.int64)
 
-    def scores(self, task: Task, data: TaskData, params: Params, extra: dict[str, np.ndarray]) -> dict[str, float]:
+    def hits(self, task: Task, data: TaskData, params: Params, extra: dict[str, np.ndarray], test: Split) -> Hits:
         moved = relabelled(data, extra["changed"], extra["new_labels"]).train.subset(extra["changed"])
-        forget = _accuracy(task, params, moved)  # accuracy under the new labels
-        retain = _accuracy(task, params, data.test)
-        return {"forget": forget, "retain": retain, "f1": _harmonic(forget, retain)}
+        return {"forget": correct(task, params, moved), "retain": correct(task, params, test)}  # new labels followed
