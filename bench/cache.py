@@ -1,11 +1,14 @@
 """On-disk cache of base models (safetensors) and ground truths (npz), keyed by content hashes.
 
-Each entry stores its key inside; an entry whose stored key or contents do not
-match is reported as corrupt and recomputed, never silently reused.
+Each entry stores its key and a SHA-256 checksum of its contents; an entry whose
+stored key or checksum does not match (unreadable, written for other settings,
+or altered after it was written) is reported as corrupt and recomputed, never
+silently reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,10 +54,12 @@ class ArtifactCache:
         return self.root / "models" / f"{key}.safetensors", self.root / "models" / f"{key}.json"
 
     def save_model(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Weights first, then the metadata with their checksum: metadata on disk implies whole weights."""
         weights, info = self.model_paths(key)
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         atomic_write(weights, lambda p: save_file(cpu, str(p), metadata={"key": key}))
-        atomic_write(info, lambda p: p.write_text(json.dumps({"key": key, **meta}, indent=2, sort_keys=True)))
+        record = {"key": key, "sha256": _file_digest(weights), **meta}
+        atomic_write(info, lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True)))
 
     def load_model(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         weights, info = self.model_paths(key)
@@ -67,6 +72,8 @@ class ArtifactCache:
             raise CacheCorruptError(f"corrupt cached model {weights}: {err}") from err
         if meta.get("key") != key:
             raise CacheCorruptError(f"cached model {info} was written for key {meta.get('key')!r}, expected {key!r}")
+        if meta.get("sha256") != _file_digest(weights):
+            raise CacheCorruptError(f"cached model {weights} has changed since it was written (checksum mismatch)")
         return tensors, meta
 
     # -- ground truths -----------------------------------------------------
@@ -74,7 +81,8 @@ class ArtifactCache:
         return self.root / "groundtruth" / f"{key}.npz"
 
     def save_arrays(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        payload = {**arrays, "__key__": np.array(key), "__meta__": np.array(json.dumps(meta, sort_keys=True))}
+        payload = {**arrays, "__key__": np.array(key), "__meta__": np.array(json.dumps(meta, sort_keys=True)),
+                   "__sha256__": np.array(arrays_digest(arrays))}
         atomic_write(self.groundtruth_path(key), lambda p: np.savez(p.open("wb"), **payload))
 
     def load_arrays(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -89,7 +97,23 @@ class ArtifactCache:
         if str(arrays.pop("__key__", "")) != key:
             raise CacheCorruptError(f"cached ground truth {path} was written for other settings")
         meta = json.loads(str(arrays.pop("__meta__")))
+        if str(arrays.pop("__sha256__", "")) != arrays_digest(arrays):
+            raise CacheCorruptError(f"cached ground truth {path} has changed since it was written (checksum mismatch)")
         return arrays, meta
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def load_or_none(load: Any, key: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -13,7 +14,11 @@ from pathlib import Path
 from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, with_overrides
 from bench.registry import RegistryError
 
+#: Exit codes: 0 every cell ok or not applicable; 1 the run finished but some cell failed (recorded);
+#: 2 refused before any work (bad name, option, value or path); 130 interrupted (finished cells kept).
+EXIT_FAILED_CELLS = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _names(values: Sequence[str] | None) -> list[str] | None:
@@ -34,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", nargs="+", help="only these tasks")
     run.add_argument("--estimators", nargs="+", help="only these estimators (default: all registered)")
     run.add_argument("--protocols", nargs="+", help="only these ground-truth protocols")
-    run.add_argument("--results", type=Path, help="results folder (default: results/<suite>)")
+    run.add_argument("--results", type=Path, help="results folder (default: results/<suite name as a slug>)")
     run.add_argument("--device", help=f"{' or '.join(DEVICES)} (or cuda:N); default from the suite (cpu)")
     run.add_argument("--seed", type=int, help="root seed (default from the suite: 0)")
     run.add_argument("--threads", type=int, help="torch CPU threads (recorded; results depend on it)")
@@ -49,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="render the markdown leaderboard from a results folder")
     board.add_argument("--results", type=Path, required=True)
-    board.add_argument("--out", type=Path, required=True, help="markdown file to write (figures go beside it)")
+    board.add_argument("--out", type=Path, help="markdown file to write, figures beside it (default: RESULTS/leaderboard.md)")
     board.add_argument("--no-figures", action="store_true")
     board.add_argument("--records", action="store_true",
                        help="also write the records shown (latest per cell) as records.jsonl beside --out")
@@ -64,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.catalog import default_registries
     from bench.leaderboard import write_leaderboard
     from bench.runner import Runner, plan_suite
+    from bench.store import FolderBusyError, ResultsStore, exclusive
 
     if args.data_dir:
         os.environ["IFBENCH_DATA_DIR"] = str(args.data_dir)
@@ -73,16 +79,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
                            estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads)
     plan = plan_suite(suite, registries)  # validates everything before any write
-    results = args.results or Path("results") / suite.name
+    results = args.results or Path("results") / slug(suite.name)
+    check_writable(results)
     print(f"ifbench: suite {suite.name!r} · {len(plan.tasks)} task(s) × {len(plan.protocols)} protocol(s) × "
           f"{len(plan.estimators)} estimator(s) → {results}", file=sys.stderr)
-    summary = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed).run()
-    board = write_leaderboard(results, results / "leaderboard.md")
+    try:
+        with exclusive(results):
+            summary = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed).run()
+            board = write_leaderboard(results, results / "leaderboard.md")
+    except FolderBusyError as err:
+        raise ConfigError(str(err)) from None
+    except KeyboardInterrupt:
+        kept = len(ResultsStore(results).latest())
+        print(f"\nifbench: interrupted; {kept} cell(s) finished and kept in {results}; re-run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"ifbench: {summary.ran} cell(s) run, {summary.skipped} already finished, {summary.failed} failed; "
           f"leaderboard: {board}", file=sys.stderr)
     for failure in summary.failures:
         print(f"  failed: {failure}", file=sys.stderr)
-    return 0
+    return EXIT_FAILED_CELLS if summary.failed else 0
+
+
+def slug(name: str) -> str:
+    """A suite name as one safe folder name: never a path (no separators, no '..'), never empty."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-") or "suite"
+
+
+def check_writable(results: Path) -> None:
+    """Refuse a results folder that cannot be written, before any training."""
+    if results.exists() and not results.is_dir():
+        raise ConfigError(f"results path {results} exists and is not a folder")
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        probe = results / ".ifbench-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"results folder {results} is not writable: {err.strerror or err}") from None
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -107,7 +141,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not (args.results / "records.jsonl").exists():
         raise ConfigError(f"no results in {args.results} (records.jsonl is missing): run `ifbench run` first")
-    out = write_leaderboard(args.results, args.out, with_figures=not args.no_figures)
+    out = write_leaderboard(args.results, args.out or args.results / "leaderboard.md", with_figures=not args.no_figures)
     if args.records:
         import json
 
@@ -144,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RegistryError, ConfigError, FileNotFoundError) as err:
         print(f"ifbench: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # e.g. the disk filled up: finished records are whole, the run can resume
+        print(f"ifbench: error: {err}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import hashlib
+import inspect
 import logging
 import time
 import traceback
@@ -138,7 +140,8 @@ class Runner:
                                self.device.type, suite.threads)
         protocols = [p for p in self.plan.protocols if not planned.spec.protocols or p.name in planned.spec.protocols]
         cells = [(p, e) for p in protocols for e in self.plan.estimators]
-        keys = {(p.name, e.name): self._cell_key(task_key, p, e) for p, e in cells}
+        predictions = {(p.name, e.name): self._prediction_key(task_key, p, e) for p, e in cells}
+        keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
         pending = [(p, e) for p, e in cells if keys[p.name, e.name] not in done]
         summary.skipped += len(cells) - len(pending)
         if not pending:
@@ -163,7 +166,8 @@ class Runner:
             for protocol_plan in todo:
                 bar.set_postfix_str(f"{protocol_plan.name}/{est.name}")
                 record = self._run_cell(task, data, base, planned, protocol_plan, est, truths[protocol_plan.name],
-                                        fitted, keys[protocol_plan.name, est.name])
+                                        fitted, keys[protocol_plan.name, est.name],
+                                        predictions[protocol_plan.name, est.name])
                 self.store.append(record)
                 summary.ran += 1
                 if record["status"] == "failed":
@@ -174,9 +178,14 @@ class Runner:
             _release_memory(self.device)
         bar.close()
 
-    def _cell_key(self, task_key: str, protocol: PlannedComponent, estimator: PlannedComponent) -> str:
+    def _prediction_key(self, task_key: str, protocol: PlannedComponent, estimator: PlannedComponent) -> str:
+        """What an estimator's prediction depends on: the task, the ground truth's columns, the estimator."""
         return stable_hash(task_key, self._protocol_key_parts(protocol), estimator.name, estimator.config,
-                           self.suite.top_k, self.suite.bootstrap_resamples, metrics.VERSION)
+                           estimator_fingerprint(estimator.cls))
+
+    def _cell_key(self, prediction_key: str) -> str:
+        """A finished cell: the prediction plus how it is judged (metric settings and definitions)."""
+        return stable_hash(prediction_key, self.suite.top_k, self.suite.bootstrap_resamples, metrics.VERSION)
 
     def _protocol_key_parts(self, protocol: PlannedComponent) -> tuple:
         return (protocol.name, protocol.cls.version, protocol.config, derive_seed(self.suite.seed, "protocol", protocol.name))
@@ -272,7 +281,7 @@ class Runner:
 
     def _run_cell(self, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
                   protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth | str,
-                  fitted: dict[str, Any], cell_key: str) -> dict[str, Any]:
+                  fitted: dict[str, Any], cell_key: str, prediction_key: str) -> dict[str, Any]:
         record: dict[str, Any] = {
             "cell_key": cell_key, "suite": self.suite.name, "task": planned.spec.name, "preset": planned.spec.preset,
             "protocol": protocol_plan.name, "estimator": est.name, "status": "failed", "error": None,
@@ -299,6 +308,14 @@ class Runner:
                           error=f"{protocol_plan.name} needs {' or '.join(sorted(protocol.needs))}; "
                           f"{est.name} provides {', '.join(sorted(est.cls.capabilities))}")
             return record
+        settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "bootstrap", cell_key))
+        cached = self.store.load_prediction(prediction_key) if protocol.caches_predictions else None
+        if cached is not None:  # only the judging changed (metrics): no refit, the recorded cost stands
+            prediction, saved = cached
+            evaluation = Evaluation(None, data.queries, truth, task, data, base, _identity, settings)
+            record.update(profile=saved["profile"], estimator_diagnostics=saved["estimator_diagnostics"],
+                          prediction_reused=True)
+            return self._judged(record, protocol, prediction, evaluation, cell_key)
         if protocol.fits_on_own_model:
             fit = self._fit(est, task, protocol.fit_data(data, truth), truth.model, planned, fitted, protocol_plan.name)
         else:
@@ -312,12 +329,11 @@ class Runner:
             else:
                 record["error"] = f"fit failed: {fit.error}"
             return record
-        settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "bootstrap", cell_key))
         evaluation = Evaluation(fit.estimator, fit.queries, truth, task, fit.data, fit.base, fit.lift, settings)
-        result, error = None, None
-        with profiled(self.device) as prof:
+        prediction, error = None, None
+        with profiled(self.device) as prof:  # the estimator's own scoring work, without the metrics
             try:
-                result = protocol.evaluate(evaluation)
+                prediction = protocol.predict(evaluation)
             except EvaluationError as err:
                 error = str(err)
             except Exception as err:
@@ -327,10 +343,25 @@ class Runner:
         if prof.peak_cuda_mb is not None:
             profile["peak_cuda_mb"] = max(prof.peak_cuda_mb, fit_prof.peak_cuda_mb or 0.0)
         record["estimator_diagnostics"] = fit.estimator.diagnostics()
-        if result is None:
+        if error is not None:
             record["error"] = error
             return record
-        record.update(metrics=result.metrics, ci=result.ci, n_valid_queries=result.n_valid, status="ok")
+        if protocol.caches_predictions:
+            self.store.save_prediction(prediction_key, prediction, {"profile": profile,
+                                                                    "estimator_diagnostics": record["estimator_diagnostics"]})
+        return self._judged(record, protocol, prediction, evaluation, cell_key)
+
+    def _judged(self, record: dict[str, Any], protocol: Protocol, prediction: Any, evaluation: Evaluation,
+                cell_key: str) -> dict[str, Any]:
+        """``record`` completed with the protocol's metrics of ``prediction`` (and the seconds they took)."""
+        started = time.perf_counter()
+        try:
+            result = protocol.judge(prediction, evaluation)
+        except Exception as err:
+            record["error"] = f"judging failed: {_describe(err)}"
+            return record
+        record.update(metrics=result.metrics, ci=result.ci, n_valid_queries=result.n_valid, status="ok",
+                      metrics_s=time.perf_counter() - started)
         if result.details:
             record["details"] = result.details
         if result.predicted is not None:
@@ -349,6 +380,18 @@ class Fitted:
     lift: Callable[[Params], Params]
     data: TaskData
     base: TrainedModel
+
+
+def estimator_fingerprint(cls: type[Estimator]) -> str:
+    """The estimator's ``version``; for a plug-in (defined outside the ``estimators`` package) also a hash of
+    the source file that defines it, so editing the plug-in re-runs its cells."""
+    if cls.__module__.split(".")[0] == "estimators":
+        return f"v{cls.version}"
+    try:
+        source = inspect.getsourcefile(cls)
+    except TypeError:  # defined interactively: no file to hash
+        source = None
+    return f"v{cls.version}-{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]}" if source else f"v{cls.version}"
 
 
 def _model_order(task: Task) -> list[str]:

@@ -1,26 +1,61 @@
 """Append-only results store: one JSON record per (task, protocol, estimator) cell.
 
-Each record is written with a single ``write`` on an ``O_APPEND`` descriptor and
-fsynced, so a crash leaves at most one torn last line, which readers skip.
+Each record is appended on an ``O_APPEND`` descriptor, every byte accounted for
+(short writes are continued), and fsynced; if the write fails (disk full) the
+file is truncated back to where it was, so a record is there whole or not at all.
+A process killed mid-write can still leave a torn last line, which readers skip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.cache import atomic_write
+from bench.cache import arrays_digest, atomic_write
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RECORDS_FILE = "records.jsonl"
+LOCK_FILE = ".lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the results folder's lock."""
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s advisory lock (one writer per results folder); refuse at once if it is taken."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderBusyError(f"{directory} is in use by {holder} (another `ifbench run`); wait for it to "
+                                  "finish, or write to another --results folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"ifbench run, pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _json_safe(value: Any) -> Any:
@@ -64,10 +99,21 @@ class ResultsStore:
         line = json.dumps(_json_safe({"schema_version": SCHEMA_VERSION, **record}), sort_keys=True, allow_nan=False)
         self.directory.mkdir(parents=True, exist_ok=True)
         needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+        payload = (("\n" if needs_newline else "") + line + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (("\n" if needs_newline else "") + line + "\n").encode())
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(payload):
+                    count = os.write(fd, payload[written:])
+                    if count <= 0:
+                        raise OSError(errno.EIO, f"no progress writing {self.path}")
+                    written += count
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # the whole record or nothing
+                raise
         finally:
             os.close(fd)
 
@@ -75,6 +121,34 @@ class ResultsStore:
         with self.path.open("rb") as handle:
             handle.seek(-1, os.SEEK_END)
             return handle.read(1) == b"\n"
+
+    def prediction_path(self, key: str) -> Path:
+        return self.directory / "predictions" / f"{key}.npz"
+
+    def save_prediction(self, key: str, prediction: np.ndarray, meta: dict[str, Any]) -> None:
+        """An estimator's prediction (one array) with what it cost, apart from any metric of it."""
+        meta_text = json.dumps(_json_safe(meta), sort_keys=True)
+        prediction = np.asarray(prediction)
+        atomic_write(self.prediction_path(key), lambda p: np.savez(
+            p.open("wb"), prediction=prediction, meta=np.array(meta_text), key=np.array(key),
+            sha256=np.array(arrays_digest({"prediction": prediction}))))
+
+    def load_prediction(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """A saved prediction and its metadata, or None (missing, unreadable or saved under another key)."""
+        path = self.prediction_path(key)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                prediction = data["prediction"]
+                if str(data["key"]) != key:
+                    raise ValueError("saved under another key")
+                if str(data["sha256"]) != arrays_digest({"prediction": prediction}):
+                    raise ValueError("changed since it was written (checksum mismatch)")
+                return prediction, json.loads(str(data["meta"]))
+        except Exception as err:  # a corrupt prediction is recomputed
+            log.warning("cannot reuse %s (%s); recomputing it", path, err)
+            return None
 
     def artifact_path(self, cell_key: str) -> Path:
         return self.directory / "artifacts" / f"{cell_key}.npz"

@@ -79,6 +79,9 @@ class Estimator(ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset({SINGLE})
     #: Baselines (random, ...) are not expected to agree with ground truth.
     is_baseline: ClassVar[bool] = False
+    #: Part of every cell's key: bump it when the estimator's scores change, so finished cells are re-run.
+    #: (A plug-in's cells are also keyed by a hash of the file that defines it.)
+    version: ClassVar[str] = "1"
     #: True if the estimator only needs θ̂ (no checkpoints) and may run on the task's head view
     #: (frozen features + head) when it is restricted to the head's parameters.
     uses_head_view: ClassVar[bool] = False

@@ -23,7 +23,7 @@ from estimators.solvers import conjugate_gradient
 from tasks.base import EXACT, Checkpoint, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
 from tasks.datasets import load_mnist_5k
 from tasks.sgd import SgdRecipe, run_sgd, steps_per_epoch
-from tasks.splits import seeded_splits
+from tasks.splits import check_finite, check_sizes, seeded_splits
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class LogRegConfig:
     trace_epochs: int = 5
     trace_lr: float = 0.1
     trace_checkpoints: int = 5
+
+    def __post_init__(self) -> None:
+        check_sizes(self.n_train, self.n_test, self.n_queries)
+        check_finite("l2", self.l2)
+        check_finite("grad_tol", self.grad_tol, positive=True)
+        check_finite("trace_lr", self.trace_lr, positive=True)
 
 
 def flatten(params: Params) -> Tensor:

@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from bench.seeding import torch_generator
 from tasks.base import Checkpoint, Params, Split
+from tasks.splits import check_finite, check_sizes
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,18 @@ class SgdRecipe:
     momentum: float = 0.9
     l2: float = 5e-4
     n_checkpoints: int = 4
+
+    def __post_init__(self) -> None:
+        """Task configs extend the recipe: their split sizes are checked here too."""
+        if self.epochs < 1 or self.batch_size < 1 or self.n_checkpoints < 1:
+            raise ValueError(f"epochs, batch_size and n_checkpoints must be ≥ 1, got {self.epochs}, {self.batch_size}, "
+                             f"{self.n_checkpoints}")
+        check_finite("lr", self.lr, positive=True)
+        check_finite("l2", self.l2)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if all(hasattr(self, name) for name in ("n_train", "n_test", "n_queries")):
+            check_sizes(self.n_train, self.n_test, self.n_queries)  # type: ignore[attr-defined]
 
 
 def cosine_lr(recipe: SgdRecipe, step: int, total: int) -> float:

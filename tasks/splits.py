@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from bench.seeding import rng
 from tasks.base import Split, Task, TaskData
+
+
+def check_sizes(n_train: int, n_test: int, n_queries: int) -> None:
+    """Refuse split sizes no task can use (checked when a suite is planned, not after training)."""
+    if n_train < 2:
+        raise ValueError(f"n_train must be ≥ 2, got {n_train}")
+    if n_test < 1:
+        raise ValueError(f"n_test must be ≥ 1, got {n_test}")
+    if not 1 <= n_queries <= n_test:
+        raise ValueError(f"n_queries must be in 1..n_test={n_test}, got {n_queries}")
+
+
+def check_finite(name: str, value: float, *, positive: bool = False) -> None:
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '≥ 0'}, got {value}")
 
 
 def seeded_query_idx(task: Task, n_test: int, n_queries: int) -> Tensor:

@@ -212,7 +212,7 @@ def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path):
         name = "loo"
     """))
     results = tmp_path / "r"
-    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 1  # loo's cells fail
     records = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
     by = {(r["protocol"], r["estimator"]): r for r in records}
     for protocol in ("loo-warm", "loo-scratch"):
@@ -240,8 +240,23 @@ def test_head_view_gives_the_same_influence_as_the_whole_model(estimator):
     assert view is not None and view.prefix == "fc" and set(view.params) == {"weight", "bias"}
     head = cls()
     head.fit(FitContext(view.module, view.params, task.loss, task.l2, view.split(data.train), 0))
-    torch.testing.assert_close(head.score(view.split(data.queries), idx), whole.score(data.queries, idx),
-                               rtol=1e-3, atol=1e-6)
+    on_head, on_whole = head.score(view.split(data.queries), idx), whole.score(data.queries, idx)
+    if estimator != "if-cg":  # direct solves: the same numbers up to float32 rounding
+        torch.testing.assert_close(on_head, on_whole, rtol=1e-3, atol=1e-6)
+        return
+    # CG stops at ‖r‖ ≤ tol·‖g_q‖ and H ⪰ l2·I on the head, so each solve's s_test is within tol·‖g_q‖/l2 of
+    # H⁻¹g_q and each score (g_zᵀ s_test / n) within tol·‖g_q‖·‖g_z‖/(n·l2): two solves, twice that; plus
+    # float32 rounding of the Hessian-vector products (1e-4 relative)
+    from estimators.autodiff import FlatLoss, per_example_grads
+
+    flat = FlatLoss.of(view.module, view.params, task.loss)
+    g_query = per_example_grads(flat, view.split(data.queries)).double().norm(dim=1)
+    g_train = per_example_grads(flat, view.split(data.train).subset(idx)).double().norm(dim=1)
+    tol = cls.Config().tol
+    bound = 2 * tol * g_query[:, None] * g_train[None, :] / (len(data.train) * task.l2)
+    gap = (on_head.double() - on_whole.double()).abs()
+    assert (gap <= bound + 1e-4 * on_whole.double().abs() + 1e-9).all(), float((gap - bound).max())
+    assert float(bound.max()) < 0.1 * float(on_whole.abs().max())  # the bound is tight enough to mean something
 
 
 def test_tracin_through_checkpoint_head_views_equals_whole_model_gradients():

@@ -225,7 +225,7 @@ class FixedScores:
         self.matrix = matrix
 
     def score(self, queries, train_idx):
-        return torch.as_tensor(self.matrix[:, train_idx.numpy()])
+        return torch.as_tensor(self.matrix[:, train_idx.numpy()], dtype=torch.float32)
 
 
 def test_retrain_length_groups_are_what_gets_removed_and_are_scored_by_sums(toy_task):
@@ -237,7 +237,7 @@ def test_retrain_length_groups_are_what_gets_removed_and_are_scored_by_sums(toy_
     assert len(groups) == 5 and all(len(set(g)) == 6 for g in groups)
     assert [r for r in task.removed if r] == groups * 4  # every planned group, for each T and seed, nothing else
     assert truth.actual.shape == (len(data.queries), 10) and truth.train_idx.size == 0
-    single = np.random.default_rng(0).normal(size=(len(data.queries), len(data.train)))
+    single = np.random.default_rng(0).normal(size=(len(data.queries), len(data.train))).astype(np.float32).astype(np.float64)
     predicted = RetrainLength(config, seed=4).predict(evaluation(FixedScores(single), truth, task, data, base))
     sums = np.stack([single[:, g].sum(1) for g in groups], axis=1)
     np.testing.assert_allclose(predicted, np.concatenate([sums, sums], axis=1), rtol=1e-6)

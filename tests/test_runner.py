@@ -47,6 +47,15 @@ PLUGINS = textwrap.dedent('''
             scores[0, 0] = float("nan")
             return scores
 
+    @registered("zz-sleep")
+    class Sleep(ExactInfluence):
+        """Sleeps while scoring when IFBENCH_TEST_SLEEP is set (to interrupt a run mid-cell)."""
+        def score(self, queries, train_idx):
+            if os.environ.get("IFBENCH_TEST_SLEEP"):
+                import time
+                time.sleep(120)
+            return super().score(queries, train_idx)
+
     @registered("zz-kill")
     class Kill(ExactInfluence):
         """Kills the whole process (as a crash or Ctrl-C would) when IFBENCH_TEST_KILL is set."""
@@ -108,14 +117,34 @@ def test_a_new_metrics_version_rescores_finished_cells_on_cached_ground_truth(se
     assert "1 cell(s) run, 0 already finished" in capsys.readouterr().err
     first, second = records(results)
     assert first["cell_key"] != second["cell_key"] and first["metrics"] == second["metrics"]
-    assert groundtruth.stat().st_mtime_ns == stamp  # only the scoring is redone
+    assert groundtruth.stat().st_mtime_ns == stamp  # only the judging is redone:
+    assert second["prediction_reused"] and second["profile"] == first["profile"]  # no refit, the recorded cost stands
+
+
+def test_score_time_is_the_estimators_own(setup, monkeypatch):
+    """The metrics (two-way bootstrap) are timed apart: a slow judge does not slow the estimator's score time."""
+    import time
+
+    from bench.groundtruth.loo import LeaveOneOut
+
+    suite, _, results = setup
+    original = LeaveOneOut.judge
+
+    def slow_judge(self, prediction, ev):
+        time.sleep(1.0)
+        return original(self, prediction, ev)
+
+    monkeypatch.setattr(LeaveOneOut, "judge", slow_judge)
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--estimators", "random", "--no-progress"]) == 0
+    (record,) = records(results)
+    assert record["metrics_s"] >= 1.0 and record["profile"]["score_s"] < 1.0
 
 
 def test_failures_are_recorded_and_the_run_goes_on(setup, capsys):
     suite, plugin, results = setup
     code = main(["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--no-progress",
                  "--estimators", "zz-crash", "zz-nan", "if-exact"])
-    assert code == 0
+    assert code == 1  # finished, with failed cells: not 0, and not 2 (refused before work)
     by_name = {r["estimator"]: r for r in records(results)}
     assert by_name["zz-crash"]["status"] == "failed" and "RuntimeError: boom" in by_name["zz-crash"]["error"]
     assert by_name["zz-nan"]["status"] == "failed" and "1 non-finite" in by_name["zz-nan"]["error"]
@@ -123,6 +152,9 @@ def test_failures_are_recorded_and_the_run_goes_on(setup, capsys):
     board = (results / "leaderboard.md").read_text()
     assert "failed: score failed: RuntimeError: boom" in board
     assert "2 failed" in capsys.readouterr().err
+    out = results.parent / "default-out"
+    assert main(["leaderboard", "--results", str(results), "--no-figures"]) == 0  # --out defaults into the results
+    assert (results / "leaderboard.md").read_text().startswith("# ifbench leaderboard") and not out.exists()
 
 
 def test_record_schema(setup):
@@ -145,6 +177,43 @@ def test_same_command_gives_same_numbers(setup):
                      "random", "--no-progress"]) == 0
     a, b = records(results / "a"), records(results / "b")
     assert [r["metrics"] for r in a] == [r["metrics"] for r in b]
+
+
+def test_altered_cache_values_are_detected_and_recomputed(setup, caplog):
+    """A cached model whose weights were changed with the header intact (still loadable) and a ground truth whose
+    numbers were rewritten are both caught by their checksums, recomputed, and give the clean numbers again."""
+    import numpy as np
+
+    suite, _, results = setup
+    args = ["run", "--suite", str(suite), "--results", str(results), "--estimators", "if-exact", "--no-progress"]
+    assert main(args) == 0
+    first = records(results)[0]["metrics"]
+    (weights,) = (results / "cache" / "models").glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # one byte of the last tensor's values: safetensors still loads it
+    weights.write_bytes(bytes(data))
+    (truth,) = (results / "cache" / "groundtruth").glob("*.npz")
+    with np.load(truth) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays["actual"] = arrays["actual"] * 1.5
+    np.savez(truth.open("wb"), **arrays)
+    (results / "records.jsonl").unlink()
+    assert main(args) == 0
+    assert records(results)[0]["metrics"] == first
+    assert "has changed since it was written" in caplog.text
+    assert caplog.text.count("checksum mismatch") == 2
+
+
+def test_editing_a_plugin_reruns_its_cells(setup, capsys):
+    suite, plugin, results = setup
+    args = ["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--estimators", "zz-nan",
+            "if-exact", "--no-progress"]
+    main(args)
+    plugin.write_text(PLUGINS.replace('scores[0, 0] = float("nan")', "pass"))  # the plug-in is fixed
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 cell(s) run, 1 already finished" in capsys.readouterr().err  # its cell only; if-exact's is kept
+    assert records(results)[-1]["estimator"] == "zz-nan" and records(results)[-1]["status"] == "ok"
 
 
 def test_corrupt_cache_is_recomputed_not_reused(setup, caplog):
@@ -222,3 +291,91 @@ def test_a_cached_model_keeps_its_parameter_order(tmp_path):
                                  exact_hessian=lambda p=params: task.exact_hessian(p, data)))
         scores.append(estimator.score(data.queries, torch.arange(10)))
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-6, atol=1e-9)
+
+
+def test_suite_names_are_folder_names_not_paths():
+    from bench.cli import slug
+
+    assert slug("default") == "default" and slug("my suite v2") == "my-suite-v2"
+    for name in ("/some/absolute/path", "../../..", "a/../../b", "..", ""):
+        folder = slug(name)
+        assert "/" not in folder and folder not in ("", ".", "..") and not folder.startswith(".")
+
+
+def test_an_unwritable_results_path_is_refused_before_any_work(tmp_path, capsys):
+    from bench.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["run", "--suite", "smoke", "--tasks", "mnist-logreg", "--results", str(blocker)]) == 2
+    assert f"results path {blocker} exists and is not a folder" in capsys.readouterr().err
+    assert main(["run", "--suite", "smoke", "--tasks", "mnist-logreg", "--results", str(blocker / "sub")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_busy_results_folder_is_refused(setup, capsys):
+    from bench.store import exclusive
+
+    suite, _, results = setup
+    with exclusive(results):  # as a first `ifbench run` would hold it
+        assert main(["run", "--suite", str(suite), "--results", str(results), "--estimators", "random",
+                     "--no-progress"]) == 2
+    assert "is in use by ifbench run, pid" in capsys.readouterr().err
+    assert not (results / "records.jsonl").exists()
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--estimators", "random", "--no-progress"]) == 0
+
+
+def test_ctrl_c_prints_one_line_and_keeps_finished_cells(setup):
+    import signal
+    import time
+
+    suite, plugin, results = setup
+    env = {**os.environ, "IFBENCH_TEST_SLEEP": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", str(suite), "--results", str(results),
+                                "--plugin", str(plugin), "--estimators", "random", "zz-sleep", "--no-progress"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not (results / "records.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # random's cell is written; zz-sleep is now sleeping in its score
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted; 1 cell(s) finished and kept" in stderr and "Traceback" not in stderr
+    assert [r["estimator"] for r in records(results)] == ["random"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("n_queries = 0", "task mnist-logreg: n_queries must be in 1..n_test=500, got 0"),
+    ("n_train = -10", "task mnist-logreg: n_train must be ≥ 2, got -10"),
+    ("l2 = nan", "task mnist-logreg: l2 must be a finite number ≥ 0, got nan"),
+])
+def test_bad_task_values_are_one_line_before_any_work(tmp_path, capsys, options, message):
+    suite, results = tmp_path / "bad.toml", tmp_path / "results"
+    suite.write_text(f'name = "bad"\nestimators = ["random"]\n[[tasks]]\nname = "mnist-logreg"\npreset = "smoke"\n'
+                     f'{options}\n[[protocols]]\nname = "loo"\n')
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("def broken(:\n    pass\n", "does not parse: invalid syntax ("),
+    ("import not_a_module_anywhere\n", "failed to import: ModuleNotFoundError: No module named 'not_a_module_anywhere' ("),
+])
+def test_a_broken_plugin_is_one_line_naming_where(tmp_path, capsys, source, message):
+    plugin = tmp_path / "broken_plugin.py"
+    plugin.write_text(source)
+    assert main(["list", "--plugin", str(plugin)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and f"{plugin}:1)" in err and len(err.splitlines()) == 1
+
+
+def test_scores_must_be_float32():
+    import torch
+
+    from bench.groundtruth.base import validate_scores
+
+    assert validate_scores(torch.zeros(2, 3), (2, 3)) is None
+    assert "expected torch.float32" in validate_scores(torch.zeros(2, 3, dtype=torch.float64), (2, 3))

@@ -42,3 +42,34 @@ def test_trained_model_round_trips_through_the_cache(tmp_path):
     back = unpack_trained(*cache.load_model("k"), device=torch.device("cpu"))
     assert torch.equal(back.params["w"], base.params["w"]) and back.diagnostics == {"acc": 0.9}
     assert back.checkpoints[0].learning_rate == 0.1 and torch.equal(back.checkpoints[0].params["w"], torch.ones(2, 3))
+
+
+def test_a_short_write_is_continued_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
+    """os.write may write part of a record: the rest follows. If the disk fills up mid-record, the file is
+    truncated back, so no torn record is left, and the error reaches the caller."""
+    import errno
+    import os
+
+    import pytest
+
+    import bench.store
+
+    store = ResultsStore(tmp_path)
+    store.append({"cell_key": "a"})
+    real_write = os.write
+    monkeypatch.setattr(bench.store.os, "write", lambda fd, data: real_write(fd, data[:7]))  # short writes
+    store.append({"cell_key": "b", "metrics": {"pearson": 0.5}})
+    assert [r["cell_key"] for r in store.records()] == ["a", "b"]
+    before = store.path.read_bytes()
+    calls = []
+
+    def disk_full(fd, data):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(bench.store.os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.append({"cell_key": "c"})
+    assert store.path.read_bytes() == before  # whole records only

@@ -60,9 +60,10 @@ class Evaluation:
 
     ``lift`` maps an estimator's parameter update (its own parameter names) to
     the full model's names; ``data`` and ``base`` are what the estimator was fit on.
+    ``estimator`` is None when a cached prediction is judged again.
     """
 
-    estimator: Estimator
+    estimator: Estimator | None
     queries: Split
     truth: GroundTruth
     task: Task
@@ -130,9 +131,21 @@ class Protocol(ABC):
         """The data estimators are fit on (``fits_on_own_model`` protocols change it)."""
         return data
 
+    #: True if ``predict`` returns one numpy array, which the runner caches apart from the metrics (so a metric
+    #: or ceiling change re-judges saved predictions without refitting the estimator).
+    caches_predictions: ClassVar[bool] = True
+
     @abstractmethod
+    def predict(self, ev: Evaluation) -> Any:
+        """The estimator's answer (score matrix, self-influence, parameter update), validated. This is the part
+        the runner times as the estimator's scoring cost."""
+
+    @abstractmethod
+    def judge(self, prediction: Any, ev: Evaluation) -> CellResult:
+        """Metrics of ``prediction`` against the ground truth (not part of the estimator's cost)."""
+
     def evaluate(self, ev: Evaluation) -> CellResult:
-        """Judge one fitted estimator against the ground truth."""
+        return self.judge(self.predict(ev), ev)
 
     def noise_ceiling(self, truth: GroundTruth, settings: Settings) -> dict[str, Any]:
         """Diagnostics on how well any estimator can do against ``truth`` (none by default)."""
@@ -173,8 +186,8 @@ class ScoreMatrixProtocol(Protocol):
             if name != self.headline:
                 result.add(name, values)
 
-    def evaluate(self, ev: Evaluation) -> CellResult:
-        return self.measure(self.predict(ev), ev.truth, ev.settings)
+    def judge(self, prediction: np.ndarray, ev: Evaluation) -> CellResult:
+        return self.measure(prediction, ev.truth, ev.settings)
 
     def measure(self, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> CellResult:
         result = CellResult(predicted=predicted, actual=truth.actual)
@@ -272,8 +285,8 @@ def validate_scores(scores: Any, shape: tuple[int, ...]) -> str | None:
         return f"score() must return a torch.Tensor, got {type(scores).__name__}"
     if tuple(scores.shape) != tuple(shape):
         return f"score() returned shape {tuple(scores.shape)}, expected {tuple(shape)}"
-    if not torch.is_floating_point(scores):
-        return f"score() returned dtype {scores.dtype}, expected a floating dtype (float32)"
+    if scores.dtype != torch.float32:
+        return f"score() returned dtype {scores.dtype}, expected torch.float32 (the Estimator contract)"
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
         return f"score() returned {bad} non-finite values (NaN or inf) out of {scores.numel()}"

@@ -152,9 +152,12 @@ class MislabelDetection(Protocol):
     def fit_data(self, data: TaskData, truth: GroundTruth) -> TaskData:
         return self._noisy(data, truth.extra["noisy_labels"])
 
-    def evaluate(self, ev: Evaluation) -> CellResult:
+    def predict(self, ev: Evaluation) -> np.ndarray:
+        """``[R]`` self-influence of the ranked points."""
         idx = torch.as_tensor(ev.truth.train_idx, dtype=torch.long, device=ev.data.train.targets.device)
-        values = checked(ev.estimator.self_influence(idx), (len(idx),))
+        return checked(ev.estimator.self_influence(idx), (len(idx),))
+
+    def judge(self, values: np.ndarray, ev: Evaluation) -> CellResult:
         is_flipped = ev.truth.actual[0].astype(bool)
         result = CellResult()
         result.metrics.update(detection_metrics(values, is_flipped))

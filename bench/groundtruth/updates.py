@@ -73,8 +73,8 @@ def _flatten(params: Params, names: list[str]) -> Tensor:
     return torch.cat([params[n].detach().reshape(-1).double().cpu() for n in names])
 
 
-#: The scalings of Δθ the validation sweep tries (powers of two, 1/8 to 256).
-ALPHAS = tuple(2.0**k for k in range(-3, 9))
+#: The scalings of Δθ the validation sweep tries (powers of two, 1/64 to 256).
+ALPHAS = tuple(2.0**k for k in range(-6, 9))
 
 #: Per-point success indicators of a model: ``{"forget": [n_f], "retain": [n_r]}`` (booleans).
 Hits = dict[str, np.ndarray]
@@ -122,6 +122,7 @@ class UpdateProtocol(Protocol):
     columns: ClassVar[tuple[str, ...]] = ("f1_best_alpha", "alpha_star", "forget", "retain", "param_distance")
     column_noun: ClassVar[str] = "change"
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"param_distance"})
+    caches_predictions: ClassVar[bool] = False  # a parameter update: tensors by name, not one array
 
     def plan(self, task: Task, data: TaskData) -> tuple[np.ndarray, np.ndarray | None]:
         """Training indices changed, and their new labels (None: removed)."""
@@ -155,7 +156,8 @@ class UpdateProtocol(Protocol):
         diagnostics["changed_points"] = float(len(changed))
         return GroundTruth(self.name, changed, actual, diagnostics, None, extra)
 
-    def evaluate(self, ev: Evaluation) -> CellResult:
+    def predict(self, ev: Evaluation) -> Params:
+        """The estimator's Δθ in the whole model's parameter names, checked to be finite."""
         extra, base = ev.truth.extra, ev.base.params
         removed = torch.as_tensor(extra["changed"], dtype=torch.long, device=ev.data.train.targets.device)
         new_labels = extra.get("new_labels")
@@ -163,9 +165,13 @@ class UpdateProtocol(Protocol):
         delta = ev.lift(ev.estimator.update(removed, targets))
         unknown = set(delta) - set(base)
         if unknown:
-            raise ValueError(f"update() returned parameters the model does not have: {sorted(unknown)}")
+            raise EvaluationError(f"update() returned parameters the model does not have: {sorted(unknown)}")
         if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
             raise EvaluationError("update() returned non-finite values")
+        return delta
+
+    def judge(self, delta: Params, ev: Evaluation) -> CellResult:
+        extra, base = ev.truth.extra, ev.base.params
 
         def scaled(alpha: float) -> Params:
             return {n: (v + alpha * delta[n].to(v.dtype) if n in delta else v) for n, v in base.items()}
@@ -185,7 +191,6 @@ class UpdateProtocol(Protocol):
         result.metrics["param_distance"] = float((_flatten(updated, names) - retrained).norm()) / max(gap, 1e-30)
         result.details = {"changed_parameters": sorted(delta)}
         return result
-
 
 
 def relabelled(data: TaskData, changed: np.ndarray, new_labels: np.ndarray) -> TaskData:
