@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench.catalog import default_registries
     from bench.leaderboard import write_leaderboard
-    from bench.runner import Runner, plan_suite
+    from bench.planning import plan_suite
+    from bench.runner import Runner
     from bench.store import FolderBusyError, ResultsStore, exclusive
 
     if args.data_dir:

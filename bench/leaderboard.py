@@ -130,8 +130,11 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         "little signal to rank estimators, and they are listed unranked. Estimators whose headline agrees to the "
         f"{RANK_DECIMALS} decimals shown share a rank. ↓ marks a metric where lower is better.",
         "",
-        "Time is wall-clock seconds; memory is the peak resident set size of the process during fit or score (on "
-        "CUDA: the peak CUDA allocation).",
+        "*fit s* and *score s* are wall-clock seconds of the estimator's own work (metrics are timed apart). "
+        "*own MB* is what the estimator added to the process's resident memory: its peak during fit and score above "
+        "the resident size before its fit (on CUDA: the peak CUDA allocation); *process MB* is the whole process's "
+        "peak resident size meanwhile (data, models and ground truth included). Resident size is sampled every 5 ms; "
+        "memory the process already held and reuses adds nothing to *own MB*.",
         "",
     ]
     if len(groups) > 1:
@@ -143,32 +146,12 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
 
 
 def _facts(head: dict[str, Any]) -> list[str]:
-    diagnostics = head.get("task_diagnostics", {})
-    gt = head.get("groundtruth_diagnostics", {})
+    """The task's facts, then those the protocol gave its ground truth, then its cost."""
+    diagnostics, gt = head.get("task_diagnostics", {}), head.get("groundtruth_diagnostics", {})
     facts = [f"preset `{head.get('preset', '?')}`"]
     if "test_accuracy" in diagnostics:
         facts.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%")
-    noun = head.get("column_noun", "removed points")
-    if "changed_points" in gt:
-        facts.append(f"{int(gt['changed_points'])} training points {'removed' if noun == 'removed class' else 'relabelled'}")
-    elif "ranked" not in gt:
-        facts.append(f"{head.get('n_queries', '?')} queries × {head.get('n_columns', '?')} {noun}")
-    if gt.get("seeds", 1) > 1:
-        agreement = gt.get(f"seed_agreement_{_headline(head)}")
-        facts.append(f"scored against the mean of {int(gt['seeds'])} retraining seeds"
-                     + (f" (seed-vs-seed agreement r = {_num(agreement)})" if agreement is not None else ""))
-    if gt.get("warm_steps") is not None:
-        epochs = f"{gt['warm_epochs']:g} epoch(s), " if gt.get("warm_epochs") is not None else ""
-        facts.append(f"warm-started retrains of {epochs}{int(gt['warm_steps'])} steps")
-    if gt.get("max_retrain_grad_norm") is not None:
-        facts.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
-    if gt.get("retrained_f1") is not None:
-        facts.append("test metrics on the evaluation half of the test split, α* chosen on the validation half")
-        for who, label in (("retrained", "retrained model"), ("original", "θ̂ (no update)")):
-            facts.append(f"{label}: F1 {_num(gt.get(f'{who}_f1'))} (forget {_num(gt.get(f'{who}_forget'))}, "
-                         f"retain {_num(gt.get(f'{who}_retain'))})")
-    if gt.get("loss_ranking_auc") is not None:
-        facts.append(f"{int(gt.get('flipped_ranked', 0))} flipped among {int(gt.get('ranked', 0))} ranked points")
+    facts += head.get("facts", [])
     if gt.get("seconds") is not None:
         facts.append(f"ground truth took {_seconds(gt['seconds'])} s")
     return facts
@@ -190,13 +173,13 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     lines += [
         "",
         f"| rank | estimator | {_title(head, headline)}{ci_note} | "
-        + " | ".join(_title(head, c) for c in columns) + " | fit s | score s | peak MB |",
-        "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|",
+        + " | ".join(_title(head, c) for c in columns) + " | fit s | score s | own MB | process MB |",
+        "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|---:|",
     ]
     if gt.get(f"ceiling_{headline}") is not None:
         low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
         lines.append(f"| – | *noise ceiling* | {_num(gt[f'ceiling_{headline}'])} ({_num(low)} – {_num(high)}) | "
-                     + " | " * len(columns) + " | | |")
+                     + " | " * len(columns) + " | | | |")
     ranks = shared_ranks(group) if informative else {}
     for record in group:
         profile = record.get("profile") or {}
@@ -204,17 +187,18 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
             m = dict(record.get("metrics", {}))
             if hide_top_k:
                 m["top_k_overlap"] = None
-            peak = profile.get("peak_cuda_mb") or profile.get("peak_mem_mb")
+            own = profile.get("peak_cuda_mb") or profile.get("own_mem_mb")
             lines.append(
                 f"| {ranks.get(record['estimator'], '–')} | `{record['estimator']}` | {_with_ci(record, headline)} | "
                 + " | ".join(_num(m.get(c)) for c in columns)
-                + f" | {_seconds(profile.get('fit_s'))} | {_seconds(profile.get('score_s'))} | {_num(peak, 0)} |"
+                + f" | {_seconds(profile.get('fit_s'))} | {_seconds(profile.get('score_s'))} | {_num(own, 0)} "
+                f"| {_num(profile.get('peak_mem_mb'), 0)} |"
             )
         elif _not_applicable(record):
             continue  # listed once below the table
         else:
             error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
-            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 3))
+            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 4))
     lines.append("")
     skipped = [r["estimator"] for r in group if _not_applicable(r)]
     if skipped:

@@ -1,9 +1,8 @@
-"""Run a suite: train (cached) → ground truth (cached) → every estimator cell → records.
+"""Run a planned suite (:mod:`bench.planning`): train (cached) → ground truth (cached) → cells → records.
 
-Every name and option is validated before any work or any write. A cell whose
-estimator raises, or returns a malformed or non-finite score matrix, is recorded
-as ``failed`` with its error, and the run goes on. Finished cells are skipped
-on a re-run, so an interrupted run resumes where it stopped.
+A cell whose estimator raises, or returns a malformed or non-finite score
+matrix, is recorded as ``failed`` with its error, and the run goes on. Finished
+cells are skipped on a re-run, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,10 +26,10 @@ from tqdm.auto import tqdm
 
 from bench import environment, metrics
 from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, unpack_trained
-from bench.catalog import Registries
-from bench.config import ComponentSpec, ConfigError, SuiteConfig, make_config
+from bench.config import ConfigError
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
+from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
@@ -42,71 +41,12 @@ log = logging.getLogger(__name__)
 NOT_APPLICABLE = "not-applicable"
 
 
-@dataclass(frozen=True)
-class PlannedTask:
-    spec: ComponentSpec
-    cls: type[Task]
-    config: Any
-
-
-@dataclass(frozen=True)
-class PlannedComponent:
-    name: str
-    cls: type
-    config: Any
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated suite: classes resolved and option dataclasses built."""
-
-    suite: SuiteConfig
-    tasks: tuple[PlannedTask, ...]
-    protocols: tuple[PlannedComponent, ...]
-    estimators: tuple[PlannedComponent, ...]
-
-
 @dataclass
 class RunSummary:
     ran: int = 0
     skipped: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
-
-
-def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
-    """Resolve every name and option; raises RegistryError / ConfigError before any work."""
-    registries.tasks.check(s.name for s in suite.tasks)
-    registries.protocols.check(s.name for s in suite.protocols)
-    suite_protocols = [s.name for s in suite.protocols]
-    for spec in suite.tasks:
-        for name in spec.protocols:
-            if name not in suite_protocols:
-                raise ConfigError(f"task {spec.name!r} lists protocol {name!r}, which the suite does not run "
-                                  f"(suite protocols: {', '.join(suite_protocols)})")
-    names = registries.estimators.names() if "all" in suite.estimators else list(dict.fromkeys(suite.estimators))
-    registries.estimators.check(names)
-    # options may name any registered estimator (a run narrowed with --estimators keeps the suite's options);
-    # they are validated all the same
-    registries.estimators.check(name for name, _ in suite.estimator_options)
-    for name, _ in suite.estimator_options:
-        make_config(registries.estimators.get(name).Config, suite.options_for(name), f"estimator {name}")
-    tasks = []
-    for spec in suite.tasks:
-        cls = registries.tasks.get(spec.name)
-        if spec.preset not in cls.presets:
-            raise ConfigError(f"unknown preset {spec.preset!r} for task {spec.name!r}. Valid presets: {', '.join(cls.presets)}")
-        config = make_config(cls.Config, spec.options_dict(), f"task {spec.name}", base=cls.presets[spec.preset])
-        tasks.append(PlannedTask(spec, cls, config))
-    protocols = []
-    for spec in suite.protocols:
-        cls = registries.protocols.get(spec.name)
-        protocols.append(PlannedComponent(spec.name, cls, make_config(cls.Config, spec.options_dict(), f"protocol {spec.name}")))
-    estimators = []
-    for name in names:
-        cls = registries.estimators.get(name)
-        estimators.append(PlannedComponent(name, cls, make_config(cls.Config, suite.options_for(name), f"estimator {name}")))
-    return Plan(suite, tuple(tasks), tuple(protocols), tuple(estimators))
 
 
 class Runner:
@@ -303,6 +243,7 @@ class Runner:
         record["columns"] = list(protocol.columns)
         record["metric_specs"] = protocol.metric_specs(self.suite.top_k)
         record["ceiling"] = protocol.ceiling_of(truth)
+        record["facts"] = protocol.facts(truth)
         if not protocol.needs & est.cls.capabilities:
             record.update(status=NOT_APPLICABLE, reason="capability",
                           error=f"{protocol_plan.name} needs {' or '.join(sorted(protocol.needs))}; "
@@ -339,7 +280,8 @@ class Runner:
             except Exception as err:
                 error = f"score failed: {_describe(err)}"
         profile.update(score_s=prof.seconds, score_peak_mem_mb=prof.peak_rss_mb, score_peak_cuda_mb=prof.peak_cuda_mb,
-                       peak_mem_mb=max(prof.peak_rss_mb, fit_prof.peak_rss_mb), rss_method=prof.rss_method)
+                       peak_mem_mb=max(prof.peak_rss_mb, fit_prof.peak_rss_mb), rss_method=prof.rss_method,
+                       own_mem_mb=_own_memory(fit_prof, prof))
         if prof.peak_cuda_mb is not None:
             profile["peak_cuda_mb"] = max(prof.peak_cuda_mb, fit_prof.peak_cuda_mb or 0.0)
         record["estimator_diagnostics"] = fit.estimator.diagnostics()
@@ -380,6 +322,13 @@ class Fitted:
     lift: Callable[[Params], Params]
     data: TaskData
     base: TrainedModel
+
+
+def _own_memory(fit: Any, score: Any) -> float | None:
+    """What the estimator added to the process: its peak over fit and score above the RSS before its fit."""
+    if fit.baseline_rss_mb is None:
+        return None
+    return max(0.0, max(fit.peak_rss_mb, score.peak_rss_mb) - fit.baseline_rss_mb)
 
 
 def estimator_fingerprint(cls: type[Estimator]) -> str:

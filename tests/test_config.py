@@ -57,7 +57,7 @@ def test_protocols_override_narrows_each_tasks_own_list():
 @pytest.mark.parametrize("name", BUILTIN_SUITES)
 def test_every_builtin_suite_plans_with_valid_options(name):
     from bench.catalog import default_registries
-    from bench.runner import plan_suite
+    from bench.planning import plan_suite
 
     plan = plan_suite(load_suite(name), default_registries())
     assert plan.tasks and plan.protocols and plan.estimators

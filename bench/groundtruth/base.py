@@ -113,6 +113,9 @@ class Protocol(ABC):
     fits_on_own_model: ClassVar[bool] = False
     #: Metrics (of ``headline`` and ``columns``) where lower is better; every other metric is higher-is-better.
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    #: True if ``predict`` returns one numpy array, which the runner caches apart from the metrics (so a metric
+    #: or ceiling change re-judges saved predictions without refitting the estimator).
+    caches_predictions: ClassVar[bool] = True
 
     def metric_specs(self, top_k: int) -> dict[str, dict[str, Any]]:
         """``{name: {"title", "higher_is_better"}}`` for the headline and the columns, for the leaderboard."""
@@ -131,10 +134,6 @@ class Protocol(ABC):
         """The data estimators are fit on (``fits_on_own_model`` protocols change it)."""
         return data
 
-    #: True if ``predict`` returns one numpy array, which the runner caches apart from the metrics (so a metric
-    #: or ceiling change re-judges saved predictions without refitting the estimator).
-    caches_predictions: ClassVar[bool] = True
-
     @abstractmethod
     def predict(self, ev: Evaluation) -> Any:
         """The estimator's answer (score matrix, self-influence, parameter update), validated. This is the part
@@ -150,6 +149,10 @@ class Protocol(ABC):
     def noise_ceiling(self, truth: GroundTruth, settings: Settings) -> dict[str, Any]:
         """Diagnostics on how well any estimator can do against ``truth`` (none by default)."""
         return {}
+
+    def facts(self, truth: GroundTruth) -> list[str]:
+        """Sentences that describe this ground truth, for the leaderboard (its size by default)."""
+        return [f"{truth.actual.shape[0]} queries × {truth.actual.shape[1]} {self.column_noun}"]
 
     def ceiling_of(self, truth: GroundTruth) -> float | None:
         """The headline's ceiling (1.0 for an exact ground truth), or None where the headline has none."""
@@ -223,6 +226,19 @@ class ScoreMatrixProtocol(Protocol):
             "seeds": float(len(replicates)),
             "informative": bool(low >= metrics.INFORMATIVE_CEILING),
         }
+
+    def facts(self, truth: GroundTruth) -> list[str]:
+        gt, found = truth.diagnostics, super().facts(truth)
+        if truth.replicates is not None:
+            agreement = gt.get(f"seed_agreement_{self.headline}")
+            found.append(f"scored against the mean of {len(truth.replicates)} retraining seeds"
+                         + (f" (seed-vs-seed agreement r = {agreement:.3f})" if agreement is not None else ""))
+        if gt.get("warm_steps") is not None:
+            epochs = f"{gt['warm_epochs']:g} epoch(s), " if gt.get("warm_epochs") is not None else ""
+            found.append(f"warm-started retrains of {epochs}{int(gt['warm_steps'])} steps")
+        if gt.get("max_retrain_grad_norm") is not None:
+            found.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
+        return found
 
     def ceiling_of(self, truth: GroundTruth) -> float | None:
         """√ρ_K over K ≥ 2 seeds; 1.0 for exact retraining (an oracle reaches 1); None for one noisy seed."""

@@ -152,6 +152,12 @@ class MislabelDetection(Protocol):
     def fit_data(self, data: TaskData, truth: GroundTruth) -> TaskData:
         return self._noisy(data, truth.extra["noisy_labels"])
 
+    def facts(self, truth: GroundTruth) -> list[str]:
+        gt = truth.diagnostics
+        flips = "to the class θ̂ confuses them with most" if gt.get("flip") == "confused" else "to a random other class"
+        return [f"{int(gt['flipped'])} labels flipped {flips}; {int(gt['flipped_ranked'])} of them among the "
+                f"{int(gt['ranked'])} ranked points"]
+
     def predict(self, ev: Evaluation) -> np.ndarray:
         """``[R]`` self-influence of the ranked points."""
         idx = torch.as_tensor(ev.truth.train_idx, dtype=torch.long, device=ev.data.train.targets.device)

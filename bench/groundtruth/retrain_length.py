@@ -108,6 +108,11 @@ class RetrainLength(ScoreMatrixProtocol):
         removals = predict_group_removals(ev, unpack_groups(ev.truth.extra))
         return np.tile(removals, (1, len(ev.truth.extra["epochs"])))
 
+    def facts(self, truth: GroundTruth) -> list[str]:
+        lengths = ", ".join(f"{e:g}" for e in truth.extra["epochs"].tolist())
+        steps = ", ".join(str(int(t)) for t in truth.extra["steps"].tolist())
+        return [*super().facts(truth), f"warm-started retrains of {lengths} epochs ({steps} steps)"]
+
     def blocks(self, truth: GroundTruth) -> list[np.ndarray]:
         width = len(truth.extra["offsets"]) - 1
         return [np.arange(t * width, (t + 1) * width) for t in range(len(truth.extra["epochs"]))]

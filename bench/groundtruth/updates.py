@@ -156,6 +156,18 @@ class UpdateProtocol(Protocol):
         diagnostics["changed_points"] = float(len(changed))
         return GroundTruth(self.name, changed, actual, diagnostics, None, extra)
 
+    #: How the changed points are named in the leaderboard ("removed", "relabelled").
+    changed_verb: ClassVar[str] = "relabelled"
+
+    def facts(self, truth: GroundTruth) -> list[str]:
+        gt = truth.diagnostics
+        found = [f"{int(gt['changed_points'])} training points {self.changed_verb}",
+                 "test metrics on the evaluation half of the test split, α* chosen on the validation half"]
+        for who, label in (("retrained", "retrained model"), ("original", "θ̂ (no update)")):
+            found.append(f"{label}: F1 {gt[f'{who}_f1']:.3f} (forget {gt[f'{who}_forget']:.3f}, "
+                         f"retain {gt[f'{who}_retain']:.3f})")
+        return found
+
     def predict(self, ev: Evaluation) -> Params:
         """The estimator's Δθ in the whole model's parameter names, checked to be finite."""
         extra, base = ev.truth.extra, ev.base.params
@@ -214,6 +226,7 @@ class ClassRemoval(UpdateProtocol):
 
     Config: ClassVar[type] = ClassRemovalConfig
     column_noun: ClassVar[str] = "removed class"
+    changed_verb: ClassVar[str] = "removed"
 
     def plan(self, task: Task, data: TaskData) -> tuple[np.ndarray, np.ndarray | None]:
         labels = data.train.targets.cpu().numpy()
