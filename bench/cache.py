@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.groundtruth.base import GroundTruth
 from tasks.base import Checkpoint, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -154,3 +155,20 @@ def unpack_trained(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, de
         for i, info in enumerate(meta.get("checkpoints", []))
     )
     return TrainedModel(params, checkpoints, meta["diagnostics"])
+
+
+def pack_truth(truth: GroundTruth) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays (``extra`` under an ``extra.`` prefix) and metadata for :meth:`ArtifactCache.save_arrays`;
+    a protocol's own model is saved apart (``save_model``)."""
+    arrays = {"train_idx": truth.train_idx, "actual": truth.actual, **{f"extra.{k}": v for k, v in truth.extra.items()}}
+    if truth.replicates is not None:
+        arrays["replicates"] = truth.replicates
+    return arrays, {"diagnostics": truth.diagnostics, "has_model": truth.model is not None}
+
+
+def unpack_truth(protocol: str, arrays: dict[str, np.ndarray], meta: dict[str, Any],
+                 model: TrainedModel | None) -> GroundTruth:
+    """Inverse of :func:`pack_truth`, with the protocol's model (if it has one) loaded separately."""
+    extra = {k.removeprefix("extra."): v for k, v in arrays.items() if k.startswith("extra.")}
+    return GroundTruth(protocol, arrays["train_idx"], arrays["actual"], meta["diagnostics"], arrays.get("replicates"),
+                       extra, model)

@@ -118,8 +118,8 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         "point is **removed** and the model retrained (positive: the point helped). Metrics compare predictions with "
         "the retrained ground truth per query, across the columns (removed points, groups or subsets), then average "
         "over queries. On the non-convex tasks the ground truth is the mean over K retraining seeds. Brackets give "
-        "95% intervals from a *two-way* bootstrap that resamples queries and columns together (every query shares "
-        "the same columns).",
+        "95% intervals, the estimate ± 1.96 standard errors from a *two-way* bootstrap that resamples queries and "
+        "columns together (every query shares the same columns).",
         "",
         "The *noise ceiling* is the best correlation a predictor that does not see the retraining noise can expect "
         "against that K-seed mean: √ρ_K, with ρ_K = K·r / (1 + (K−1)·r) the Spearman–Brown reliability of the mean "

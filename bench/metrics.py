@@ -11,7 +11,12 @@ averaged over the same queries rather than over those it chose to rank.
 
 Intervals come from a **two-way bootstrap**: queries and columns are resampled
 together, because every query shares the same removed points / groups / subsets
-(resampling queries alone misses the columns' share of the uncertainty).
+(resampling queries alone misses the columns' share of the uncertainty). The
+interval is the estimate ± 1.96 bootstrap standard errors: a correlation over a
+resample of few columns, some of them repeated, is pulled towards 0, so the
+resamples' *location* is biased (percentile intervals, and bias-corrected ones
+when the shift exceeds the spread, can exclude the estimate), while their
+*spread* still measures the sampling variability (if anything, generously).
 
 The **noise ceiling** of a non-convex ground truth (K retraining seeds, scored
 against their mean): with seed-vs-seed correlation r per query, the K-seed mean
@@ -33,7 +38,9 @@ import scipy.stats
 #: Part of every cell's cache key: bump it when a metric's definition changes, so finished cells are re-scored.
 #: 2: a constant predicted row scores 0 (was dropped as undefined).
 #: 3: scored against the mean of all retraining seeds; two-way bootstrap; ceiling √ρ_K.
-VERSION = 3
+#: 4: bias-corrected percentiles (plain percentiles missed estimates over small column blocks).
+#: 5: estimate ± 1.96 two-way bootstrap standard errors (BC missed them too, from the other side).
+VERSION = 5
 CORRELATIONS = ("pearson", "spearman", "kendall")
 METRICS = (*CORRELATIONS, "top_k_overlap")
 #: A cell is *informative* when its noise ceiling's lower bound reaches this: below it, the retraining noise
@@ -165,14 +172,10 @@ Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ColumnDraw = Callable[[np.random.Generator], np.ndarray]
 
 
-def iid_columns(n_columns: int) -> ColumnDraw:
-    """Columns resampled independently with replacement."""
-    return lambda generator: generator.integers(0, n_columns, n_columns)
-
-
-def two_way_bootstrap(statistic: Statistic, n_rows: int, draw_columns: ColumnDraw, *, resamples: int = 1000,
-                      seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% CI of the mean over queries of ``statistic``, resampling queries and columns together."""
+def two_way_bootstrap(statistic: Statistic, n_rows: int, draw_columns: ColumnDraw, *, estimate: float,
+                      resamples: int = 1000, seed: int = 0, bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float]:
+    """95% CI of ``estimate``, the mean over queries of ``statistic``: estimate ± 1.96 standard deviations of the
+    resampled means, queries and columns resampled together; clipped to ``bounds`` (a correlation's range)."""
     generator = np.random.default_rng(seed)
     everything = np.arange(n_rows)
     means = []
@@ -183,7 +186,7 @@ def two_way_bootstrap(statistic: Statistic, n_rows: int, draw_columns: ColumnDra
             value = np.nanmean(statistic(everything[rows], draw_columns(generator)))
             if np.isfinite(value):
                 means.append(value)
-    if not means:
+    if len(means) < 2 or not np.isfinite(estimate):
         return float("nan"), float("nan")
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    half = 1.959963984540054 * float(np.std(means, ddof=1))
+    return max(bounds[0], estimate - half), min(bounds[1], estimate + half)

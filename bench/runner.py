@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import environment, metrics
-from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, unpack_trained
+from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, pack_truth, unpack_trained, unpack_truth
 from bench.config import ConfigError
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
@@ -154,27 +154,29 @@ class Runner:
 
     def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, task_key: str,
                       protocol_plan: PlannedComponent) -> GroundTruth:
+        """The cached ground truth (or a fresh one, then cached), with its noise ceiling judged anew each time
+        (like the metrics: a change in how the ceiling is computed needs no retraining)."""
         key = stable_hash(task_key, self._protocol_key_parts(protocol_plan))
-        cached = load_or_none(self.cache.load_arrays, key)
-        model = load_or_none(self.cache.load_model, f"{key}-model") if cached and cached[1].get("has_model") else None
-        if cached is not None and (model is not None or not cached[1].get("has_model")):
-            arrays, meta = cached
-            extra = {k.removeprefix("extra."): v for k, v in arrays.items() if k.startswith("extra.")}
-            own_model = self._unpack(model, task) if model is not None else None
-            return GroundTruth(protocol_plan.name, arrays["train_idx"], arrays["actual"], meta["diagnostics"],
-                               arrays.get("replicates"), extra, own_model)
         protocol = self._protocol(protocol_plan)
-        with profiled(self.device) as prof:
-            truth = protocol.compute(task, data, base, progress=self.progress)
+        truth = self._cached_truth(task, key, protocol_plan.name)
+        if truth is None:
+            with profiled(self.device) as prof:
+                truth = protocol.compute(task, data, base, progress=self.progress)
+            truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, "seconds": prof.seconds})
+            if truth.model is not None:  # the model first: a ground truth on disk implies its model is there
+                self.cache.save_model(f"{key}-model", *pack_trained(truth.model, task.name))
+            self.cache.save_arrays(key, *pack_truth(truth))
         settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "ceiling", key))
-        diagnostics = {**truth.diagnostics, "seconds": prof.seconds, **protocol.noise_ceiling(truth, settings)}
-        arrays = {"train_idx": truth.train_idx, "actual": truth.actual, **{f"extra.{k}": v for k, v in truth.extra.items()}}
-        if truth.replicates is not None:
-            arrays["replicates"] = truth.replicates
-        if truth.model is not None:  # the model first: a ground truth on disk implies its model is there
-            self.cache.save_model(f"{key}-model", *pack_trained(truth.model, task.name))
-        self.cache.save_arrays(key, arrays, {"diagnostics": diagnostics, "has_model": truth.model is not None})
-        return dataclasses.replace(truth, diagnostics=diagnostics)
+        return dataclasses.replace(truth, diagnostics={**truth.diagnostics, **protocol.noise_ceiling(truth, settings)})
+
+    def _cached_truth(self, task: Task, key: str, name: str) -> GroundTruth | None:
+        cached = load_or_none(self.cache.load_arrays, key)
+        if cached is None:
+            return None
+        model = load_or_none(self.cache.load_model, f"{key}-model") if cached[1].get("has_model") else None
+        if cached[1].get("has_model") and model is None:
+            return None  # its model is missing or corrupt: compute both again
+        return unpack_truth(name, *cached, self._unpack(model, task) if model is not None else None)
 
     # -- cell level ----------------------------------------------------------
     def _fit(self, est: PlannedComponent, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,

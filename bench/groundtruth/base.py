@@ -200,7 +200,7 @@ class ScoreMatrixProtocol(Protocol):
                                 for b in blocks])
 
         result.add(self.headline, statistic(np.arange(len(predicted)), self.blocks(truth)))
-        result.ci[self.headline] = list(self._interval(statistic, truth, settings))
+        result.ci[self.headline] = list(self._interval(statistic, truth, settings, result.metrics[self.headline]))
         self.add_columns(result, predicted, truth, settings)
         return result
 
@@ -218,9 +218,10 @@ class ScoreMatrixProtocol(Protocol):
             return _block_mean([metrics.seed_agreement(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
 
         everything = np.arange(replicates.shape[1])
-        low, high = self._interval(statistic, truth, settings)
+        value = float(np.nanmean(statistic(everything, self.blocks(truth))))
+        low, high = self._interval(statistic, truth, settings, value)
         return {
-            f"ceiling_{self.headline}": float(np.nanmean(statistic(everything, self.blocks(truth)))),
+            f"ceiling_{self.headline}": value,
             f"ceiling_{self.headline}_ci": [low, high],
             f"seed_agreement_{self.headline}": float(np.nanmean(agreement(everything, self.blocks(truth)))),
             "seeds": float(len(replicates)),
@@ -247,7 +248,7 @@ class ScoreMatrixProtocol(Protocol):
         return 1.0 if truth.diagnostics.get("exact_retraining") else None
 
     def _interval(self, statistic: Callable[[np.ndarray, list[np.ndarray]], np.ndarray], truth: GroundTruth,
-                  settings: Settings) -> tuple[float, float]:
+                  settings: Settings, estimate: float) -> tuple[float, float]:
         blocks = self.blocks(truth)
 
         def draw(generator: np.random.Generator) -> list[np.ndarray]:
@@ -256,8 +257,8 @@ class ScoreMatrixProtocol(Protocol):
                 return [b[positions] for b in blocks]
             return [b[generator.integers(0, len(b), len(b))] for b in blocks]
 
-        return metrics.two_way_bootstrap(statistic, truth.actual.shape[0], draw, resamples=settings.resamples,
-                                         seed=settings.seed)
+        return metrics.two_way_bootstrap(statistic, truth.actual.shape[0], draw, estimate=estimate,
+                                         resamples=settings.resamples, seed=settings.seed)
 
 
 def _block_mean(per_block: list[np.ndarray]) -> np.ndarray:
