@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.stats
@@ -139,31 +138,6 @@ def seed_agreement(name: str, replicates: np.ndarray) -> np.ndarray:
 def ceiling(name: str, replicates: np.ndarray) -> np.ndarray:
     """Per query, the best expected correlation with the K-seed mean: √ρ_K (see the module docstring): ``[Q]``."""
     return np.sqrt(spearman_brown(seed_agreement(name, replicates), len(replicates)))
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean over valid queries, its bootstrap 95% CI, and how many queries were valid."""
-
-    mean: float
-    low: float
-    high: float
-    n_valid: int
-
-
-def summarise(values: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> Summary:
-    """Mean with a percentile bootstrap CI over queries alone (NaN queries dropped)."""
-    valid = values[np.isfinite(values)]
-    if len(valid) == 0:
-        return Summary(float("nan"), float("nan"), float("nan"), 0)
-    mean = float(valid.mean())
-    if len(valid) == 1 or np.ptp(valid) == 0:
-        return Summary(mean, mean, mean, len(valid))
-    result = scipy.stats.bootstrap(
-        (valid,), np.mean, n_resamples=resamples, confidence_level=0.95,
-        method="percentile", rng=np.random.default_rng(seed),
-    )
-    return Summary(mean, float(result.confidence_interval.low), float(result.confidence_interval.high), len(valid))
 
 
 #: ``statistic(rows, columns)``: a per-query value array for the resampled query rows and column indices.
