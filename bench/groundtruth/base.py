@@ -196,7 +196,7 @@ class ScoreMatrixProtocol(Protocol):
         result = CellResult(predicted=predicted, actual=truth.actual)
 
         def statistic(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-            return _block_mean([metrics.rowwise(self.correlation, predicted[rows][:, b], truth.actual[rows][:, b])
+            return mean_over_blocks([metrics.rowwise(self.correlation, predicted[rows][:, b], truth.actual[rows][:, b])
                                 for b in blocks])
 
         result.add(self.headline, statistic(np.arange(len(predicted)), self.blocks(truth)))
@@ -212,10 +212,10 @@ class ScoreMatrixProtocol(Protocol):
         replicates = truth.replicates
 
         def statistic(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-            return _block_mean([metrics.ceiling(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
+            return mean_over_blocks([metrics.ceiling(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
 
         def agreement(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-            return _block_mean([metrics.seed_agreement(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
+            return mean_over_blocks([metrics.seed_agreement(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
 
         everything = np.arange(replicates.shape[1])
         value = float(np.nanmean(statistic(everything, self.blocks(truth))))
@@ -261,7 +261,7 @@ class ScoreMatrixProtocol(Protocol):
                                          resamples=settings.resamples, seed=settings.seed)
 
 
-def _block_mean(per_block: list[np.ndarray]) -> np.ndarray:
+def mean_over_blocks(per_block: list[np.ndarray]) -> np.ndarray:
     """Per query, the mean over blocks where the query's value is defined (NaN if none is)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -14,7 +14,6 @@ correlations across the groups of one (kind, size) cell, averaged over cells.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +29,7 @@ from bench.groundtruth.base import (
     GroundTruth,
     ScoreMatrixProtocol,
     Settings,
+    mean_over_blocks,
     pack_groups,
     predict_group_removals,
     unpack_groups,
@@ -40,7 +40,6 @@ from bench.groundtruth.retraining import (
     check_warm_epochs,
     retrain_effects,
     retrain_specs,
-    warm_steps,
 )
 from bench.registry import registered
 from bench.seeding import rng
@@ -134,16 +133,14 @@ class GroupRemoval(ScoreMatrixProtocol):
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
         plan = plan_groups(task, data, base, cfg, self.seed)
-        steps = 0
-        if not task.convex and cfg.retrain == "warm":
-                        steps = warm_steps(task, len(data.train), cfg.warm_epochs)
-        specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
+        specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train),
+                              epochs=cfg.warm_epochs)
         removals: list[Tensor] = [torch.as_tensor(g, dtype=torch.long) for g in plan.groups]
         deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference, chunk=cfg.chunk,
                                               progress=progress, desc=f"group retrains [{task.name}]")
         extra = {**pack_groups(plan.groups), "kinds": plan.kinds, "fractions": plan.fractions}
-        if steps:
-            diagnostics["warm_steps"] = float(steps)
+        if specs[0].mode == "warm":
+            diagnostics["warm_steps"] = float(specs[0].steps)
         return GroundTruth.from_seeds(self.name, np.array([], dtype=np.int64), deltas, diagnostics, extra)
 
     def predict(self, ev: Evaluation) -> np.ndarray:
@@ -168,21 +165,14 @@ class GroupRemoval(ScoreMatrixProtocol):
     def add_columns(self, result: CellResult, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> None:
         cells = self.cells(truth)
         pearson = {c: metrics.rowwise("pearson", predicted[:, cols], truth.actual[:, cols]) for c, cols in cells.items()}
-        result.add("spearman", _mean_over([metrics.rowwise("spearman", predicted[:, cols], truth.actual[:, cols])
+        result.add("spearman", mean_over_blocks([metrics.rowwise("spearman", predicted[:, cols], truth.actual[:, cols])
                                            for cols in cells.values()]))
         for kind in GROUP_KINDS:
             chosen = [pearson[c] for c in cells if c[0] == kind]
             if chosen:
-                result.add(f"pearson_{kind}", _mean_over(chosen))
+                result.add(f"pearson_{kind}", mean_over_blocks(chosen))
         large = [pearson[c] for c in cells if c[0] != "random" and c[1] >= 0.1]
         if large:
-            result.add("pearson_coherent_large", _mean_over(large))
+            result.add("pearson_coherent_large", mean_over_blocks(large))
         for cell, values in pearson.items():
             result.add(f"pearson[{_label(*cell)}]", values)
-
-
-def _mean_over(per_cell: list[np.ndarray]) -> np.ndarray:
-    """Per query, the mean over cells where the query's value is defined (all-NaN query: NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.stack(per_cell), axis=0)

@@ -36,7 +36,6 @@ from bench.groundtruth.retraining import (
     check_warm_epochs,
     retrain_effects,
     retrain_specs,
-    warm_steps,
 )
 from bench.registry import registered
 from bench.seeding import rng
@@ -87,15 +86,13 @@ class LinearDatamodelingScore(ScoreMatrixProtocol):
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
         cfg = self.config
         removed = plan_subsets(len(data.train), cfg.n_subsets, cfg.alpha, self.seed)
-        steps = 0
-        if not task.convex and cfg.retrain == "warm":
-                        steps = warm_steps(task, len(data.train) - len(removed[0]), cfg.warm_epochs)
-        specs = retrain_specs(task, cfg.retrain, cfg.seeds, steps, cfg.warm_lr_factor)
+        specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train) - len(removed[0]),
+                              epochs=cfg.warm_epochs)
         deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
                                               base_reference, chunk=cfg.chunk, progress=progress,
                                               desc=f"lds retrains [{task.name}]")
-        if steps:
-            diagnostics["warm_steps"] = float(steps)
+        if specs[0].mode == "warm":
+            diagnostics["warm_steps"] = float(specs[0].steps)
         return GroundTruth.from_seeds(self.name, np.array([], dtype=np.int64), deltas, diagnostics, pack_groups(removed))
 
     def predict(self, ev: Evaluation) -> np.ndarray:

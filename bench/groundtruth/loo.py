@@ -71,7 +71,7 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
         steps = 0
         if self.mode == "warm":
-                        steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
+            steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
         specs = [RetrainSpec(self.mode, s, steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
         deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
                                               base_reference, chunk=self.config.chunk, progress=progress,

@@ -37,11 +37,14 @@ def check_retrain_mode(retrain: str) -> None:
         raise ValueError(f"unknown retrain mode {retrain!r}. Valid: {', '.join(RETRAIN_MODES)}")
 
 
-def retrain_specs(task: Task, retrain: str, seeds: int, steps: int, lr_factor: float) -> list[RetrainSpec]:
-    """One spec per retraining seed (a convex task retrains exactly, once)."""
+def retrain_specs(task: Task, retrain: str, seeds: int, lr_factor: float, *, n_kept: int,
+                  epochs: float) -> list[RetrainSpec]:
+    """One spec per retraining seed (a convex task retrains exactly, once); warm retrains last ``epochs``
+    passes over ``n_kept`` points."""
     check_retrain_mode(retrain)
     if task.convex:
         return [RetrainSpec("exact")]
+    steps = warm_steps(task, n_kept, epochs) if retrain == "warm" else 0
     return [RetrainSpec(retrain, s, steps, lr_factor) for s in range(seeds)]
 
 
