@@ -201,6 +201,11 @@ class Task(ABC):
         """Batch-order seed of a warm retrain: from the replicate's seed, so the suite's ``--seed`` reaches it."""
         return derive_seed(self.replicate_seed(spec.seed), "warm")
 
+    @property
+    def retrain_batch(self) -> int:
+        """Retrains :meth:`retrain_without` computes together (protocols hand it removals in lists this long)."""
+        return 1
+
     def steps_per_epoch(self, n_kept: int) -> int:
         """SGD steps in one pass over ``n_kept`` points with the task's warm-retraining batch size."""
         raise NotImplementedError(f"task {self.name} has no SGD recipe for warm-started retraining")

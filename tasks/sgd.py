@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from bench.seeding import torch_generator
 from tasks.base import Checkpoint, Params, Split
@@ -32,12 +32,14 @@ class SgdRecipe:
     momentum: float = 0.9
     l2: float = 5e-4
     n_checkpoints: int = 4
+    #: retrains trained together as one stacked model (1: one at a time, the plain :func:`run_sgd`)
+    retrain_batch: int = 1
 
     def __post_init__(self) -> None:
         """Task configs extend the recipe: their split sizes are checked here too."""
-        if self.epochs < 1 or self.batch_size < 1 or self.n_checkpoints < 1:
-            raise ValueError(f"epochs, batch_size and n_checkpoints must be ≥ 1, got {self.epochs}, {self.batch_size}, "
-                             f"{self.n_checkpoints}")
+        if min(self.epochs, self.batch_size, self.n_checkpoints, self.retrain_batch) < 1:
+            raise ValueError(f"epochs, batch_size, n_checkpoints and retrain_batch must be ≥ 1, got {self.epochs}, "
+                             f"{self.batch_size}, {self.n_checkpoints}, {self.retrain_batch}")
         check_finite("lr", self.lr, positive=True)
         check_finite("l2", self.l2)
         if not 0 <= self.momentum < 1:
@@ -62,6 +64,24 @@ def steps_per_epoch(n_kept: int, batch_size: int) -> int:
     return math.ceil(n_kept / batch_size)
 
 
+def batches(n: int, seed: int, exclude: Tensor | None, batch_size: int, total: int) -> Iterator[Tensor]:
+    """The ``total`` mini-batches (index tensors) of a run: epoch after epoch of :func:`epoch_order`."""
+    step = 0
+    for epoch in itertools.count():
+        order = epoch_order(n, seed, epoch, exclude)
+        if step >= total or len(order) == 0:
+            return
+        for start in range(0, len(order), batch_size):
+            if step >= total:
+                return
+            yield order[start : start + batch_size]
+            step += 1
+
+
+def total_steps(recipe: SgdRecipe, n_kept: int, max_steps: int | None) -> int:
+    return max_steps if max_steps is not None else recipe.epochs * steps_per_epoch(n_kept, recipe.batch_size)
+
+
 def run_sgd(
     model: nn.Module,
     params: Params,
@@ -83,28 +103,70 @@ def run_sgd(
     current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     optimizer = torch.optim.SGD(current.values(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.l2)
     n_kept = len(train) - (0 if exclude is None else len(exclude))
-    total = max_steps if max_steps is not None else recipe.epochs * steps_per_epoch(n_kept, recipe.batch_size)
+    total = total_steps(recipe, n_kept, max_steps)
     marks = {round(total * (i + 1) / recipe.n_checkpoints) for i in range(recipe.n_checkpoints)}
     checkpoints: list[Checkpoint] = []
-    step = 0
-    for epoch in itertools.count():
-        order = epoch_order(len(train), seed, epoch, exclude).to(train.targets.device)
-        if step >= total or len(order) == 0:
-            return {k: v.detach() for k, v in current.items()}, tuple(checkpoints)
-        for start in range(0, len(order), recipe.batch_size):
-            if step >= total:
-                break
-            batch = order[start : start + recipe.batch_size]
-            if on_batch is not None:
-                on_batch(batch)
-            lr = constant_lr if constant_lr is not None else cosine_lr(recipe, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            outputs = functional_call(model, current, (train.inputs[batch],))
-            optimizer.zero_grad(set_to_none=True)
-            loss(outputs, train.targets[batch]).mean().backward()
-            optimizer.step()
-            step += 1
-            if step in marks:
-                checkpoints.append(Checkpoint({k: v.detach().clone() for k, v in current.items()}, lr, step))
-    raise AssertionError("unreachable: the epoch loop is unbounded")
+    for step, batch in enumerate(batches(len(train), seed, exclude, recipe.batch_size, total)):
+        batch = batch.to(train.targets.device)
+        if on_batch is not None:
+            on_batch(batch)
+        lr = constant_lr if constant_lr is not None else cosine_lr(recipe, step, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        outputs = functional_call(model, current, (train.inputs[batch],))
+        optimizer.zero_grad(set_to_none=True)
+        loss(outputs, train.targets[batch]).mean().backward()
+        optimizer.step()
+        if step + 1 in marks:
+            checkpoints.append(Checkpoint({k: v.detach().clone() for k, v in current.items()}, lr, step + 1))
+    return {k: v.detach() for k, v in current.items()}, tuple(checkpoints)
+
+
+StackedForward = Callable[[Params, Tensor], Tensor]
+
+
+def vmapped_forward(model: nn.Module) -> StackedForward:
+    """The generic stacked forward: ``params`` with a leading model axis ``[M, ...]``, inputs ``[M, B, ...]`` →
+    outputs ``[M, B, ...]``, by ``torch.func.vmap`` over ``functional_call``."""
+    return vmap(lambda p, x: functional_call(model, p, (x,)))
+
+
+def run_sgd_stacked(
+    forward: StackedForward,
+    params: Params,
+    train: Split,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    recipe: SgdRecipe,
+    *,
+    seed: int,
+    excludes: Sequence[Tensor],
+    max_steps: int | None = None,
+    constant_lr: float | None = None,
+) -> list[Params]:
+    """M = ``len(excludes)`` runs of :func:`run_sgd` trained together as one stacked model: member m starts
+    from ``params``, skips ``excludes[m]`` and sees the batches it would see alone; the final parameters,
+    one dict per member (no checkpoints). Members leave out equally many points, so their batches align
+    (``[M, batch_size]`` indices each step). SGD with momentum and weight decay acts elementwise, so one optimizer over the
+    stacked tensors is M independent optimizers; the summed loss gives each member its own gradient.
+    Members equal lone runs up to float32 rounding (stacked kernels sum in another order)."""
+    n, device = len(train), train.targets.device
+    sizes = sorted({len(excluded) for excluded in excludes})
+    if len(sizes) != 1:
+        raise ValueError(f"stacked members must leave out equally many points, got sizes {sizes}")
+    total, members = total_steps(recipe, n - sizes[0], max_steps), len(excludes)
+    current = {k: v.detach().unsqueeze(0).repeat(members, *([1] * v.dim())).requires_grad_(True)
+               for k, v in params.items()}
+    optimizer = torch.optim.SGD(current.values(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.l2)
+    streams = [batches(n, seed, torch.as_tensor(excluded, dtype=torch.long), recipe.batch_size, total)
+               for excluded in excludes]
+    for step in range(total):
+        index = torch.stack([next(stream) for stream in streams]).to(device)  # [M, b]: equal kept counts, equal b
+        lr = constant_lr if constant_lr is not None else cosine_lr(recipe, step, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        outputs = forward(current, train.inputs[index])
+        per_example = loss(outputs.flatten(0, 1), train.targets[index].flatten()).view(index.shape)
+        optimizer.zero_grad(set_to_none=True)
+        per_example.mean(1).sum().backward()
+        optimizer.step()
+    return [{k: v[m].detach().clone() for k, v in current.items()} for m in range(members)]

@@ -31,7 +31,7 @@ def test_component_options_are_typed():
     assert make_config(LooConfig, {"n_removed": 7}, "loo").n_removed == 7
     with pytest.raises(ConfigError, match="must be an integer"):
         make_config(LooConfig, {"n_removed": "7"}, "loo")
-    with pytest.raises(ConfigError, match="Valid options: chunk, n_removed"):
+    with pytest.raises(ConfigError, match="Valid options: n_removed, seeds"):
         make_config(LooConfig, {"n_remove": 7}, "loo")
 
 

@@ -61,7 +61,6 @@ class GroupRemovalConfig:
     retrain: str = "warm"
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
-    chunk: int = 25
 
 
     def __post_init__(self) -> None:
@@ -136,7 +135,7 @@ class GroupRemoval(ScoreMatrixProtocol):
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train),
                               epochs=cfg.warm_epochs)
         removals: list[Tensor] = [torch.as_tensor(g, dtype=torch.long) for g in plan.groups]
-        deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference, chunk=cfg.chunk,
+        deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference,
                                               progress=progress, desc=f"group retrains [{task.name}]")
         extra = {**pack_groups(plan.groups), "kinds": plan.kinds, "fractions": plan.fractions}
         if specs[0].mode == "warm":

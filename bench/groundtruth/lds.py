@@ -53,7 +53,6 @@ class LdsConfig:
     retrain: str = "warm"
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
-    chunk: int = 10
 
 
     def __post_init__(self) -> None:
@@ -89,7 +88,7 @@ class LinearDatamodelingScore(ScoreMatrixProtocol):
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train) - len(removed[0]),
                               epochs=cfg.warm_epochs)
         deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
-                                              base_reference, chunk=cfg.chunk, progress=progress,
+                                              base_reference, progress=progress,
                                               desc=f"lds retrains [{task.name}]")
         if specs[0].mode == "warm":
             diagnostics["warm_steps"] = float(specs[0].steps)

@@ -36,7 +36,6 @@ class LooConfig:
     warm retrains last ``warm_epochs`` (≥ 1) epochs at ``warm_lr_factor`` × the recipe's rate."""
 
     n_removed: int = 100
-    chunk: int = 25
     seeds: int = 2
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
@@ -44,8 +43,8 @@ class LooConfig:
 
     def __post_init__(self) -> None:
         check_warm_epochs(self.warm_epochs)
-        if self.seeds < 1 or self.chunk < 1:
-            raise ValueError(f"seeds and chunk must be ≥ 1, got seeds={self.seeds}, chunk={self.chunk}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be ≥ 1, got {self.seeds}")
 
 def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
     """Sorted, distinct training indices to leave out, chosen from the seed alone."""
@@ -74,7 +73,7 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
             steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
         specs = [RetrainSpec(self.mode, s, steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
         deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
-                                              base_reference, chunk=self.config.chunk, progress=progress,
+                                              base_reference, progress=progress,
                                               desc=f"{self.name} retrains [{task.name}]")
         if steps:
             diagnostics["warm_steps"] = float(steps)

@@ -47,7 +47,6 @@ class RetrainLengthConfig:
     epochs: tuple[float, ...] = (1.0, 2.0, 4.0)
     seeds: int = 2
     lr_factor: float = 0.1
-    chunk: int = 10
 
 
     def __post_init__(self) -> None:
@@ -97,7 +96,7 @@ class RetrainLength(ScoreMatrixProtocol):
             steps.append(warm_steps(task, len(data.train) - cfg.group_size, epochs))
             specs = [RetrainSpec("warm", s, steps[-1], cfg.lr_factor) for s in range(cfg.seeds)]
             deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
-                                                  base_reference, chunk=cfg.chunk, progress=progress,
+                                                  base_reference, progress=progress,
                                                   desc=f"retrain-length T={epochs:g} epochs [{task.name}]")
             blocks.append(deltas)
         stacked = np.concatenate(blocks, axis=2)  # [S, Q, T·R], T-major

@@ -49,10 +49,11 @@ def retrain_specs(task: Task, retrain: str, seeds: int, lr_factor: float, *, n_k
 
 
 def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor], specs: Sequence[RetrainSpec],
-                    reference: Reference, *, chunk: int = 25, progress: bool = True,
+                    reference: Reference, *, progress: bool = True,
                     desc: str = "retrains") -> tuple[np.ndarray, dict[str, float]]:
     """``[len(specs), Q, len(removals)]`` query-loss changes: retrained without each removal, under each
-    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run)."""
+    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run). Removals go to the task
+    ``task.retrain_batch`` at a time (a stack trained together, see :meth:`Task.retrain_without`)."""
     model, queries = task.build_model(), data.queries
     deltas = np.zeros((len(specs), len(queries), len(removals)))
     grad_norms: list[float] = []
@@ -61,8 +62,8 @@ def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Se
         reference_params = reference(task, data, base, spec)  # may train: outside no_grad
         with torch.no_grad():
             reference_loss = task.per_example_loss(model, reference_params, queries)
-        for start in range(0, len(removals), chunk):
-            part = list(removals[start : start + chunk])
+        for start in range(0, len(removals), task.retrain_batch):
+            part = list(removals[start : start + task.retrain_batch])
             for j, result in enumerate(task.retrain_without(data, base, part, spec)):
                 with torch.no_grad():
                     deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference_loss).cpu()
