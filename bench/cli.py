@@ -1,4 +1,4 @@
-"""The ``ifbench`` command line: run | list | leaderboard | check-estimator."""
+"""The ``ifbench`` command line: run | list | leaderboard | check-estimator | throughput."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                      help="import estimators from a module or .py file (repeatable)")
     run.add_argument("--data-dir", type=Path, help="where network datasets (CIFAR-10, SST-2) live or are downloaded to")
+    run.add_argument("--no-isolate", dest="isolate", action="store_false", default=None,
+                     help="run cells in this process (faster to debug; a crashing estimator then ends the run)")
+    run.add_argument("--cell-timeout-s", type=float, help="per-cell time limit in seconds (default from the suite: 1800)")
+    run.add_argument("--cell-memory-mb", type=float, help="cap on a cell worker's resident memory, MB (default: none)")
     run.add_argument("--retry-failed", action="store_true", help="re-run cells that failed before")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -58,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--no-figures", action="store_true")
     board.add_argument("--records", action="store_true",
                        help="also write the records shown (latest per cell) as records.jsonl beside --out")
+
+    speed = sub.add_parser("throughput", help="warm retrains per second: one model at a time vs stacked")
+    speed.add_argument("--tasks", nargs="+", default=["mnist-resnet", "rt-bert"], help="SGD-trained tasks")
+    speed.add_argument("--preset", default="default", help="task size preset (default: default)")
+    speed.add_argument("--stacks", nargs="+", default=["1", "8", "32"], help="models trained together (default: 1 8 32)")
+    speed.add_argument("--steps", type=int, default=10, help="SGD steps timed per configuration (default: 10)")
+    speed.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is shown (default: 3)")
+    speed.add_argument("--device", default="cpu", help=f"{' or '.join(DEVICES)} (or cuda:N)")
+    speed.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
 
     check = sub.add_parser("check-estimator", help="conformance check of an estimator on a tiny exact problem")
     check.add_argument("name")
@@ -78,7 +90,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     registries = default_registries(args.plugin)
     registries.protocols.check(_names(args.protocols) or ())  # a typo gets "did you mean" before tasks are narrowed
     suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
-                           estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads)
+                           estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads,
+                           isolate=args.isolate, cell_timeout_s=args.cell_timeout_s, cell_memory_mb=args.cell_memory_mb)
     plan = plan_suite(suite, registries)  # validates everything before any write
     results = args.results or Path("results") / slug(suite.name)
     check_writable(results)
@@ -86,7 +99,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{len(plan.estimators)} estimator(s) → {results}", file=sys.stderr)
     try:
         with exclusive(results):
-            summary = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed).run()
+            summary = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed,
+                             plugins=args.plugin).run()
             board = write_leaderboard(results, results / "leaderboard.md")
     except FolderBusyError as err:
         raise ConfigError(str(err)) from None
@@ -155,6 +169,36 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.catalog import default_registries
+    from bench.throughput import markdown, measure
+    from tasks.deep import SgdTask
+
+    stacks = [int(size) for size in _names(args.stacks) or ()]
+    if not stacks or min(stacks) < 1 or args.steps < 1 or args.repeats < 1:
+        raise ConfigError(f"--stacks, --steps and --repeats must be ≥ 1, got {stacks}, {args.steps}, {args.repeats}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
+    registry = default_registries(entry_points=False).tasks
+    names = _names(args.tasks) or []
+    registry.check(names)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in names:
+        cls = registry.get(name)
+        if not issubclass(cls, SgdTask):
+            raise ConfigError(f"task {name!r} is not trained by SGD (its retrains are exact): throughput measures "
+                              "SGD tasks such as mnist-resnet and rt-bert")
+        if args.preset not in cls.presets:
+            raise ConfigError(f"unknown preset {args.preset!r} for task {name!r}. Valid presets: {', '.join(cls.presets)}")
+        rows += measure(cls(cls.presets[args.preset], seed=0, device=args.device), stacks, steps=args.steps,
+                        repeats=args.repeats)
+    print(markdown(rows), end="")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from bench.catalog import default_registries
     from bench.conformance import check_estimator
@@ -169,11 +213,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # torch's forward-mode AD loads jit decompositions on first use and warns about its own jit.script
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from bench.environment import silence_known_warnings
+
+    silence_known_warnings()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check-estimator": _cmd_check}
+    commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check-estimator": _cmd_check,
+                "throughput": _cmd_throughput}
     try:
         return commands[args.command](args)
     except (RegistryError, ConfigError, FileNotFoundError) as err:

@@ -76,6 +76,12 @@ class SuiteConfig:
     threads: int = 2
     bootstrap_resamples: int = 1000
     top_k: int = 10
+    #: cells run in a worker process, so a crash, exit, hang or memory blow-up fails one cell, not the run
+    isolate: bool = True
+    #: a cell (its estimator's fit, when first, and its scoring) running longer than this fails
+    cell_timeout_s: float = 1800.0
+    #: a cell whose worker's resident memory exceeds this fails (0: no cap)
+    cell_memory_mb: float = 0.0
 
     def options_for(self, estimator: str) -> dict[str, Any]:
         return dict(dict(self.estimator_options).get(estimator, ()))
@@ -170,7 +176,8 @@ def parse_suite(data: Mapping[str, Any], source: str = "<suite>") -> SuiteConfig
         estimators=tuple(estimators),
         estimator_options=tuple(sorted((k, _freeze(v)) for k, v in est_options.items())),
     )
-    scalars = {k: data[k] for k in ("seed", "device", "threads", "bootstrap_resamples", "top_k") if k in data}
+    scalars = {k: data[k] for k in ("seed", "device", "threads", "bootstrap_resamples", "top_k", "isolate",
+                                    "cell_timeout_s", "cell_memory_mb") if k in data}
     suite = make_config(SuiteConfig, scalars, f"suite {source}", base=suite)
     return validate_suite(suite)
 
@@ -184,6 +191,10 @@ def validate_suite(suite: SuiteConfig) -> SuiteConfig:
         raise ConfigError(f"bootstrap_resamples must be >= 10, got {suite.bootstrap_resamples}")
     if suite.top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {suite.top_k}")
+    if not suite.cell_timeout_s > 0 or suite.cell_timeout_s == float("inf"):
+        raise ConfigError(f"cell_timeout_s must be a positive number of seconds, got {suite.cell_timeout_s}")
+    if not suite.cell_memory_mb >= 0 or suite.cell_memory_mb == float("inf"):
+        raise ConfigError(f"cell_memory_mb must be ≥ 0 (0: no cap), got {suite.cell_memory_mb}")
     return suite
 
 

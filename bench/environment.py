@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import subprocess
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -40,3 +41,8 @@ def device_description(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
     return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def silence_known_warnings() -> None:
+    """torch's forward-mode AD loads jit decompositions on first use and warns about its own jit.script."""
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)

@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,9 @@ class RunSummary:
 class Runner:
     """Executes a :class:`Plan` into a results directory."""
 
-    def __init__(self, plan: Plan, results_dir: Path, *, progress: bool = True, retry_failed: bool = False):
-        self.plan, self.suite = plan, plan.suite
+    def __init__(self, plan: Plan, results_dir: Path, *, progress: bool = True, retry_failed: bool = False,
+                 plugins: Sequence[str] = ()):
+        self.plan, self.suite, self.plugins = plan, plan.suite, tuple(plugins)
         self.results_dir = Path(results_dir)
         self.store = ResultsStore(self.results_dir)
         self.cache = ArtifactCache(self.results_dir / "cache")
@@ -98,25 +99,64 @@ class Runner:
                     log.error("ground truth %s/%s failed: %s", planned.spec.name, protocol_plan.name, err)
                     truths[protocol_plan.name] = f"ground truth failed: {_describe(err)}"
         bar = tqdm(total=len(pending), desc=f"{planned.spec.name}", unit="cell", disable=not self.progress)
-        for est in self.plan.estimators:  # estimator-major: each is freed before the next is profiled
-            todo = [p for p, e in pending if e.name == est.name]
+        job = CellJob(self.plan, self.results_dir, task, data, base, planned, truths, tuple(pending), keys, predictions)
+        remaining = list(pending)
+        while remaining:  # a worker that dies takes its estimator's unfinished cells of this task with it
+            job = dataclasses.replace(job, pending=tuple(remaining))
+            for message in (self._isolated(job) if self.suite.isolate else job.messages()):
+                if message[0] == "start":
+                    bar.set_postfix_str("/".join(message[1]))
+                elif message[0] == "record":
+                    self._keep(message[2], summary, planned)
+                    remaining.remove(_pair(message[1], remaining))
+                    bar.update(1)
+                elif message[0] == "died":
+                    for cell in self._lost_cells(message[1], remaining):
+                        record = self._base_record(planned, cell[0], cell[1], keys[cell[0].name, cell[1].name])
+                        record["error"] = f"{message[2]} ({_where(message[1], cell)}; the run went on)"
+                        self._keep(record, summary, planned)
+                        remaining.remove(cell)
+                        bar.update(1)
+        bar.close()
+
+    def _isolated(self, job: CellJob) -> Iterator[tuple]:
+        from bench.isolation import CellLimits, relay
+
+        return relay(job, self.plugins, CellLimits(self.suite.cell_timeout_s, self.suite.cell_memory_mb))
+
+    @staticmethod
+    def _lost_cells(in_flight: tuple[str, str] | None, remaining: list[tuple[PlannedComponent, PlannedComponent]]
+                    ) -> list[tuple[PlannedComponent, PlannedComponent]]:
+        """The cell a worker died in and its estimator's other unfinished cells (which would fit it again);
+        all remaining cells if it died outside any cell."""
+        if in_flight is None:
+            return list(remaining)
+        return [cell for cell in remaining if cell[1].name == in_flight[1]]
+
+    def _keep(self, record: dict[str, Any], summary: RunSummary, planned: PlannedTask) -> None:
+        self.store.append(record)
+        summary.ran += 1
+        if record["status"] == "failed":
+            summary.failed += 1
+            summary.failures.append(f"{planned.spec.name}/{record['protocol']}/{record['estimator']}: {record['error']}")
+
+    def cell_messages(self, job: CellJob) -> Iterator[tuple]:
+        """Estimator-major (each estimator freed before the next is profiled): ``("start", cell)`` before a
+        cell and ``("record", cell, record)`` after; a cell is ``(protocol name, estimator name)``."""
+        torch.set_num_threads(self.suite.threads)
+        for est in self.plan.estimators:
+            todo = [p for p, e in job.pending if e.name == est.name]
             if not todo:
                 continue
             fitted: dict[str, Any] = {}
             for protocol_plan in todo:
-                bar.set_postfix_str(f"{protocol_plan.name}/{est.name}")
-                record = self._run_cell(task, data, base, planned, protocol_plan, est, truths[protocol_plan.name],
-                                        fitted, keys[protocol_plan.name, est.name],
-                                        predictions[protocol_plan.name, est.name])
-                self.store.append(record)
-                summary.ran += 1
-                if record["status"] == "failed":
-                    summary.failed += 1
-                    summary.failures.append(f"{planned.spec.name}/{protocol_plan.name}/{est.name}: {record['error']}")
-                bar.update(1)
+                cell = (protocol_plan.name, est.name)
+                yield ("start", cell)
+                yield ("record", cell, self._run_cell(job.task, job.data, job.base, job.planned, protocol_plan, est,
+                                                     job.truths[protocol_plan.name], fitted, job.keys[cell],
+                                                     job.predictions[cell]))
             del fitted
             _release_memory(self.device)
-        bar.close()
 
     def _prediction_key(self, task_key: str, protocol: PlannedComponent, estimator: PlannedComponent) -> str:
         """What an estimator's prediction depends on: the task, the ground truth's columns, the estimator."""
@@ -221,10 +261,10 @@ class Runner:
         view = task.head_view(base.params)
         return view if view is not None and task.influence_parameters == (view.prefix,) else None
 
-    def _run_cell(self, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
-                  protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth | str,
-                  fitted: dict[str, Any], cell_key: str, prediction_key: str) -> dict[str, Any]:
-        record: dict[str, Any] = {
+    def _base_record(self, planned: PlannedTask, protocol_plan: PlannedComponent, est: PlannedComponent,
+                     cell_key: str) -> dict[str, Any]:
+        """A cell's identity and settings, as a failed record until the cell completes it."""
+        return {
             "cell_key": cell_key, "suite": self.suite.name, "task": planned.spec.name, "preset": planned.spec.preset,
             "protocol": protocol_plan.name, "estimator": est.name, "status": "failed", "error": None,
             "metrics": {}, "ci": {},
@@ -233,9 +273,13 @@ class Runner:
             "protocol_config": _plain(protocol_plan.config), "seed": self.suite.seed, "threads": self.suite.threads,
             "top_k": self.suite.top_k, "headline": protocol_plan.cls.headline, "column_noun": protocol_plan.cls.column_noun,
             "device": environment.device_description(self.suite.device), "git_commit": environment.git_commit(),
-            "versions": environment.versions(), "task_diagnostics": base.diagnostics,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": environment.versions(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def _run_cell(self, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
+                  protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth | str,
+                  fitted: dict[str, Any], cell_key: str, prediction_key: str) -> dict[str, Any]:
+        record = {**self._base_record(planned, protocol_plan, est, cell_key), "task_diagnostics": base.diagnostics}
         if isinstance(truth, str):
             record["error"] = truth
             return record
@@ -311,6 +355,37 @@ class Runner:
         if result.predicted is not None:
             self.store.save_artifact(cell_key, result.predicted.astype(np.float32), result.actual.astype(np.float32))
         return record
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """A task's pending cells with everything they need: runs in-process or, pickled, in a worker."""
+
+    plan: Plan
+    results_dir: Path
+    task: Task
+    data: TaskData
+    base: TrainedModel
+    planned: PlannedTask
+    truths: dict[str, GroundTruth | str]
+    pending: tuple[tuple[PlannedComponent, PlannedComponent], ...]
+    keys: dict[tuple[str, str], str]
+    predictions: dict[tuple[str, str], str]
+
+    def messages(self) -> Iterator[tuple]:
+        return Runner(self.plan, self.results_dir, progress=False).cell_messages(self)
+
+
+def _where(in_flight: tuple[str, str] | None, cell: tuple[PlannedComponent, PlannedComponent]) -> str:
+    if in_flight is None:
+        return "outside any cell"
+    return "in this cell" if in_flight == (cell[0].name, cell[1].name) else f"in its cell {'/'.join(in_flight)}"
+
+
+def _pair(cell: tuple[str, str] | None, remaining: list[tuple[PlannedComponent, PlannedComponent]]
+          ) -> tuple[PlannedComponent, PlannedComponent] | None:
+    """The pending cell named ``(protocol, estimator)``."""
+    return next((pair for pair in remaining if cell == (pair[0].name, pair[1].name)), None)
 
 
 @dataclass(frozen=True)

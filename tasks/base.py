@@ -167,6 +167,10 @@ class Task(ABC):
         self.seed = seed
         self.device = torch.device(device)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a worker process) without what it caches (underscored: built model, factorisations)."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
     @property
     @abstractmethod
     def l2(self) -> float:

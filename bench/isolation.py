@@ -1,0 +1,130 @@
+"""Cells in a worker process: an estimator that exits, crashes, hangs or outgrows its memory fails its cell.
+
+The runner hands a job (a picklable object whose ``messages()`` yields ``("start", cell)`` before each cell
+and ``("record", cell, record)`` after it) to a *spawned* process (a forked one would inherit torch's
+OpenMP pool and hang). This module relays the messages and watches the worker: no message in time, a
+resident size over the cap, or a dead process ends the relay with ``("died", cell, reason)``, naming the
+cell in flight (None if none was). Plug-in files are imported in the worker before the job is unpickled,
+so their classes resolve there as in the parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POLL_SECONDS = 0.05
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@dataclass(frozen=True)
+class CellLimits:
+    """Per-cell wall-time limit (seconds) and cap on the worker's resident memory (MB; 0: none)."""
+
+    timeout_s: float
+    memory_mb: float = 0.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker if the run's process dies (even by SIGKILL), so no orphan hangs on."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the worker
+    _die_with_parent()
+    try:
+        from bench.catalog import default_registries
+        from bench.environment import silence_known_warnings
+
+        silence_known_warnings()
+        default_registries(plugins)  # plug-in modules under the names the parent's pickles refer to
+        job = pickle.loads(payload)
+        for message in job.messages():
+            conn.send(message)
+        conn.send(("done",))
+    except Exception as err:  # the harness's own failure in the worker (the job catches estimators' errors)
+        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
+    finally:
+        conn.close()
+
+
+def resident_mb(pid: int) -> float | None:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_MB
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the worker stopped answering"
+    if exitcode >= 0:
+        return f"the estimator ended its worker process (exit code {exitcode})"
+    name = signal.Signals(-exitcode).name
+    if -exitcode == signal.SIGKILL:
+        return f"the worker was killed by {name} (the kernel's out-of-memory killer sends it)"
+    if -exitcode == signal.SIGSEGV:
+        return f"the worker crashed with {name} (segmentation fault)"
+    return f"the worker was ended by {name}"
+
+
+def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tuple]:
+    """Run ``job.messages()`` in a spawned worker and yield its messages, ending with ``("done",)`` or
+    ``("died", cell_or_None, reason)``. The worker is gone when the generator ends or is closed."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    worker = context.Process(target=_worker_main, args=(send, tuple(plugins), pickle.dumps(job)),
+                             name="ifbench-cell-worker", daemon=True)
+    worker.start()
+    send.close()
+    in_flight, deadline = None, None
+    try:
+        while True:
+            if receive.poll(POLL_SECONDS):
+                try:
+                    message = receive.recv()
+                except EOFError:  # closed without a last word: the process ended abruptly
+                    worker.join(5)
+                    yield ("died", in_flight, _death(worker.exitcode))
+                    return
+                if message[0] == "start":
+                    in_flight, deadline = message[1], time.monotonic() + limits.timeout_s
+                elif message[0] == "record":
+                    in_flight, deadline = None, None
+                elif message[0] == "error":
+                    yield ("died", in_flight, f"the worker failed: {message[1]}")
+                    return
+                yield message
+                if message[0] == "done":
+                    return
+                continue
+            if not worker.is_alive():
+                worker.join()
+                yield ("died", in_flight, _death(worker.exitcode))
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                yield ("died", in_flight, f"exceeded the cell time limit (cell_timeout_s = {limits.timeout_s:g} s)")
+                return
+            rss = resident_mb(worker.pid) if limits.memory_mb else None
+            if rss is not None and rss > limits.memory_mb:
+                yield ("died", in_flight, f"exceeded the cell memory cap (cell_memory_mb = {limits.memory_mb:g}; "
+                       f"the worker held {rss:.0f} MB)")
+                return
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+        receive.close()
