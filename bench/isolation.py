@@ -10,6 +10,7 @@ so their classes resolve there as in the parent.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -36,10 +37,8 @@ class CellLimits:
 
 def _die_with_parent() -> None:
     """Linux: the kernel kills this worker if the run's process dies (even by SIGKILL), so no orphan hangs on."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:

@@ -19,6 +19,9 @@ from bench.groundtruth.retraining import warm_steps
 from tasks.deep import SgdTask
 from tasks.sgd import run_sgd, run_sgd_stacked
 
+#: models trained one after another to time the lone rate (a single short run is too noisy a clock)
+LONE_MODELS = 4
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -51,14 +54,15 @@ def measure(task: SgdTask, stacks: Sequence[int], *, steps: int = 10, repeats: i
     lr = 0.1 * recipe.lr
 
     def lone() -> None:
-        run_sgd(model, start, data.train, task.loss, recipe, seed=1, exclude=torch.tensor([0]), max_steps=steps,
-                constant_lr=lr)
+        for i in range(LONE_MODELS):
+            run_sgd(model, start, data.train, task.loss, recipe, seed=1, exclude=torch.tensor([i]), max_steps=steps,
+                    constant_lr=lr)
 
     def stacked(size: int) -> None:
         run_sgd_stacked(task.stacked_forward(), start, data.train, task.loss, recipe, seed=1,
                         excludes=[torch.tensor([i]) for i in range(size)], max_steps=steps, constant_lr=lr)
 
-    configs: list[tuple[bool, int]] = [(False, 1)] + [(True, size) for size in stacks]
+    configs: list[tuple[bool, int]] = [(False, LONE_MODELS)] + [(True, size) for size in stacks]
     times: dict[tuple[bool, int], list[float]] = {config: [] for config in configs}
     lone()  # warm-up: first-call allocations and kernel choices are not part of the rate
     for _ in tqdm(range(repeats), desc=f"throughput [{task.name}]", disable=not progress, leave=False):
