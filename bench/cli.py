@@ -1,4 +1,4 @@
-"""The ``ifbench`` command line: run | list | leaderboard | check-estimator | throughput."""
+"""The ``ifbench`` command line: run | list | leaderboard | check-estimator | throughput | profile."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is shown (default: 3)")
     speed.add_argument("--device", default="cpu", help=f"{' or '.join(DEVICES)} (or cuda:N)")
     speed.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+
+    prof = sub.add_parser("profile", help="how fit and score time and memory grow with n and P (log-log sweeps)")
+    prof.add_argument("--results", type=Path, default=Path("results") / "profile",
+                      help="folder for profile.json (and its leaderboard section; default: results/profile)")
+    prof.add_argument("--estimators", nargs="+", default=["all"], help="estimators to sweep (default: all)")
+    prof.add_argument("--axes", nargs="+", default=["n", "P"], help="n (training points) and/or P (parameters)")
+    prof.add_argument("--repeats", type=int, help="repeats per point; the median is kept (default: 3)")
+    prof.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    prof.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE")
+    prof.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     check = sub.add_parser("check-estimator", help="conformance check of an estimator on a tiny exact problem")
     check.add_argument("name")
@@ -199,6 +209,35 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from bench import scaling
+    from bench.catalog import default_registries
+    from bench.leaderboard import write_leaderboard
+
+    registry = default_registries(args.plugin).estimators
+    names = registry.names() if "all" in args.estimators else _names(args.estimators) or []
+    registry.check(names)
+    axes = _names(args.axes) or []
+    if not axes or set(axes) - {"n", "P"}:
+        raise ConfigError(f"--axes must name n and/or P, got {' '.join(axes)}")
+    config = scaling.SweepConfig()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ConfigError(f"--repeats must be ≥ 1, got {args.repeats}")
+        config = dataclasses.replace(config, repeats=args.repeats)
+    check_writable(args.results)
+    torch.set_num_threads(args.threads)
+    points = scaling.sweep([(name, registry.get(name)) for name in names], axes, config, progress=not args.no_progress)
+    path = scaling.save(points, config, args.results)
+    board = write_leaderboard(args.results, args.results / "leaderboard.md")
+    print(f"ifbench: wrote {path} and {board}", file=sys.stderr)
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from bench.catalog import default_registries
     from bench.conformance import check_estimator
@@ -219,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check-estimator": _cmd_check,
-                "throughput": _cmd_throughput}
+                "throughput": _cmd_throughput, "profile": _cmd_profile}
     try:
         return commands[args.command](args)
     except (RegistryError, ConfigError, FileNotFoundError) as err:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bench import metrics
+from bench.context import fit_context
 from bench.groundtruth.base import validate_scores
 from estimators.base import SINGLE, Estimator, FitContext
 from tasks.logreg import ToyLogReg
@@ -52,10 +53,7 @@ def toy_problem(seed: int = 0) -> ToyProblem:
         base_loss = task.per_example_loss(model, base.params, data.queries)
         retrained = task.retrain_without(data, base, [i[None] for i in train_idx])
         actual = torch.stack([task.per_example_loss(model, r.params, data.queries) - base_loss for r in retrained], 1)
-    ctx = FitContext(model, base.params, task.loss, task.l2, data.train, seed, base.checkpoints,
-                     lambda: task.exact_hessian(base.params, data),
-                     embed=lambda split, space: task.embed(base.params, split, space),
-                     embedding_spaces=task.embedding_spaces)
+    ctx = fit_context(task, data, base, seed)
     return ToyProblem(task, ctx, data.queries, train_idx, actual.numpy())
 
 

@@ -1,4 +1,4 @@
-"""Seaborn figures for the leaderboard: predicted vs actual removal effects."""
+"""Seaborn figures for the leaderboard: predicted vs actual removal effects; quality versus cost."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.leaderboard import headline_of as _headline
 from bench.metrics import metric_title
 from bench.store import ResultsStore
+
+QUALITY_AND_COST_FIGURE = "quality-vs-cost.png"
 
 
 def figure_name(task: str, protocol: str) -> str:
@@ -57,5 +60,32 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
     return written
 
 
-def _headline(record: dict[str, Any]) -> str:
-    return record.get("headline", "pearson")
+def quality_versus_cost(points: list[tuple[str, str, float, float]], folder: Path) -> Path | None:
+    """One panel per task: score / ceiling against fit + score seconds (log scale), a labelled point per
+    estimator (``points`` from :func:`bench.leaderboard.quality_and_cost`)."""
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    tasks = list(dict.fromkeys(task for task, *_ in points))
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        mine = [(name, quality, max(seconds, 1e-3)) for t, name, quality, seconds in points if t == task]
+        sns.scatterplot(x=[s for *_, s in mine], y=[q for _, q, _ in mine], s=30, ax=ax)
+        for name, quality, seconds in mine:
+            ax.annotate(name, (seconds, quality), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("fit + score seconds on the task (log)")
+        ax.set_ylabel("mean score / noise ceiling")
+        ax.set_title(task, fontsize=10)
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / QUALITY_AND_COST_FIGURE
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path

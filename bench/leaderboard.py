@@ -20,6 +20,8 @@ DEFAULT_COLUMNS = ("spearman", "kendall", "top_k_overlap")
 RANK_DECIMALS = 3
 
 Key = tuple[str, str]
+#: The figures key of the quality-versus-cost figure.
+QUALITY_AND_COST: Key = ("", "quality-and-cost")
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -32,6 +34,13 @@ def _seconds(value: Any) -> str:
     if value is None:
         return "–"
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def _count(value: Any) -> str:
+    """A parameter count: 7,850 · 1.8 M."""
+    if value is None:
+        return "–"
+    return f"{value / 1e6:.1f} M" if value >= 1e6 else f"{int(value):,}"
 
 
 def _with_ci(record: dict[str, Any], name: str) -> str:
@@ -50,8 +59,12 @@ def select_latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def _headline(record: dict[str, Any]) -> str:
+def headline_of(record: dict[str, Any]) -> str:
+    """The protocol's headline metric of a record."""
     return record.get("headline", "pearson")
+
+
+_headline = headline_of
 
 
 def _columns(record: dict[str, Any]) -> list[str]:
@@ -96,11 +109,12 @@ def _not_applicable(record: dict[str, Any]) -> bool:
     return record.get("status") == "not-applicable" and record.get("reason", "capability") == "capability"
 
 
-def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | None = None) -> str:
+def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | None = None,
+                    profile: list[str] = ()) -> str:
     """The leaderboard as markdown: a header, an overview, then one table per (task, protocol)."""
     rows = select_latest(records)
     if not rows:
-        return "# ifbench leaderboard\n\nNo results yet: run `ifbench run` first.\n"
+        return "\n".join(["# ifbench leaderboard", "", "No results yet: run `ifbench run` first.", "", *profile]).rstrip() + "\n"
     groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
     for record in rows:
         groups[(record["task"], record["protocol"])].append(record)
@@ -130,15 +144,20 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         "little signal to rank estimators, and they are listed unranked. Estimators whose headline agrees to the "
         f"{RANK_DECIMALS} decimals shown share a rank. ↓ marks a metric where lower is better.",
         "",
-        "*fit s* and *score s* are wall-clock seconds of the estimator's own work (metrics are timed apart). "
+        "*params* is how many of the model's parameters the estimator works on (the task's suggested subset, the "
+        "last layer, unless the estimator covers more). *fit s* and *score s* are wall-clock seconds of the "
+        "estimator's own work (metrics are timed apart). "
         "*own MB* is what the estimator added to the process's resident memory: its peak during fit and score above "
-        "the resident size before its fit (on CUDA: the peak CUDA allocation); *process MB* is the whole process's "
-        "peak resident size meanwhile (data, models and ground truth included). Resident size is sampled every 5 ms; "
-        "memory the process already held and reuses adds nothing to *own MB*.",
+        "the resident size before its fit (on CUDA: the peak CUDA allocation); *process MB* is the peak resident size "
+        "meanwhile of the process that ran the cell (by default a worker per task, holding the task's data, model and "
+        "ground truths besides the estimator). Resident size is sampled every 5 ms; memory the process already held "
+        "and reuses adds nothing to *own MB*.",
         "",
     ]
     if len(groups) > 1:
         lines += render_overview(groups)
+        lines += render_quality_and_cost(groups, (figures or {}).get(QUALITY_AND_COST))
+    lines += profile
     for (task, protocol), group in groups.items():
         group.sort(key=_sort_key)
         lines += _section(task, protocol, group, (figures or {}).get((task, protocol)))
@@ -173,13 +192,13 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     lines += [
         "",
         f"| rank | estimator | {_title(head, headline)}{ci_note} | "
-        + " | ".join(_title(head, c) for c in columns) + " | fit s | score s | own MB | process MB |",
-        "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|---:|",
+        + " | ".join(_title(head, c) for c in columns) + " | params | fit s | score s | own MB | process MB |",
+        "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|---:|---:|",
     ]
     if gt.get(f"ceiling_{headline}") is not None:
         low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
         lines.append(f"| – | *noise ceiling* | {_num(gt[f'ceiling_{headline}'])} ({_num(low)} – {_num(high)}) | "
-                     + " | " * len(columns) + " | | | |")
+                     + " | " * len(columns) + " | | | | |")
     ranks = shared_ranks(group) if informative else {}
     for record in group:
         profile = record.get("profile") or {}
@@ -191,6 +210,7 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
             lines.append(
                 f"| {ranks.get(record['estimator'], '–')} | `{record['estimator']}` | {_with_ci(record, headline)} | "
                 + " | ".join(_num(m.get(c)) for c in columns)
+                + f" | {_count((record.get('estimator_diagnostics') or {}).get('n_parameters'))}"
                 + f" | {_seconds(profile.get('fit_s'))} | {_seconds(profile.get('score_s'))} | {_num(own, 0)} "
                 f"| {_num(profile.get('peak_mem_mb'), 0)} |"
             )
@@ -198,7 +218,7 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
             continue  # listed once below the table
         else:
             error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
-            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 4))
+            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 5))
     lines.append("")
     skipped = [r["estimator"] for r in group if _not_applicable(r)]
     if skipped:
@@ -268,6 +288,59 @@ def render_overview(groups: dict[Key, list[dict[str, Any]]]) -> list[str]:
     return [*lines, ""]
 
 
+def quality_and_cost(groups: dict[Key, list[dict[str, Any]]]) -> list[tuple[str, str, float, float]]:
+    """``(task, estimator, score / ceiling, seconds)``: the mean over the task's aggregated columns (see the
+    overview) of headline / ceiling, for estimators with a value in each, against the cost of all of them: the
+    fit (once per task; the largest recorded) plus every scoring."""
+    aggregated = _aggregate_columns(groups)
+    points = []
+    for task in dict.fromkeys(key[0] for key in aggregated):
+        columns = [key for key in aggregated if key[0] == task]
+        task_records = [r for key, group in groups.items() if key[0] == task for r in group]
+        for name in sorted({r["estimator"] for r in task_records}):
+            own = [r for key in columns for r in groups[key] if r["estimator"] == name and _value(r) is not None]
+            profiles = [r.get("profile") or {} for r in task_records if r["estimator"] == name and r.get("status") == "ok"]
+            if len(own) != len(columns) or not profiles:
+                continue
+            seconds = max(p.get("fit_s") or 0.0 for p in profiles) + sum(p.get("score_s") or 0.0 for p in profiles)
+            points.append((task, name, sum(_value(r) / r["ceiling"] for r in own) / len(own), seconds))
+    return points
+
+
+def render_quality_and_cost(groups: dict[Key, list[dict[str, Any]]], figure: str | None) -> list[str]:
+    points = quality_and_cost(groups)
+    if not points:
+        return []
+    tasks = list(dict.fromkeys(task for task, *_ in points))
+    table = {(task, name): (quality, seconds) for task, name, quality, seconds in points}
+    names = sorted({name for _, name, *_ in points}, key=lambda n: -sum(table.get((t, n), (0.0, 0.0))[0] for t in tasks))
+    lines = [
+        "## Quality versus cost",
+        "",
+        "Per task: the estimator's mean score / ceiling over that task's aggregated columns (as in the overview) and "
+        "what it cost there, its fit (once) plus all its scoring, in seconds. An estimator is on the *Pareto front* "
+        "(★) when no other is both better and cheaper on that task.",
+        "",
+        "| estimator | " + " | ".join(f"{task}: score / ceiling · s" for task in tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    front = {(task, name) for task, name, quality, seconds in points
+             if not any(t == task and q > quality and s < seconds for t, _, q, s in points)}
+    for name in names:
+        cells = []
+        for task in tasks:
+            if (task, name) not in table:
+                cells.append("–")
+                continue
+            quality, seconds = table[task, name]
+            cells.append(f"{_num(quality)} · {_seconds(seconds)}" + (" ★" if (task, name) in front else ""))
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    if figure:
+        lines += [f"![quality versus cost]({figure})", ""]
+    return lines
+
+
 def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True) -> Path:
     """Render ``results_dir``'s records to ``out`` (figures in ``out``'s folder ``figures/``)."""
     store = ResultsStore(results_dir)
@@ -275,10 +348,29 @@ def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True
     figures: dict[Key, str] = {}
     out = Path(out)
     if with_figures and records:
-        from bench.figures import scatter_best
+        from bench.figures import quality_versus_cost, scatter_best
 
-        for (task, protocol), path in scatter_best(store, select_latest(records), out.parent / "figures").items():
+        latest, folder = select_latest(records), out.parent / "figures"
+        for (task, protocol), path in scatter_best(store, latest, folder).items():
             figures[(task, protocol)] = str(path.relative_to(out.parent))
+        groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
+        for record in latest:
+            groups[(record["task"], record["protocol"])].append(record)
+        path = quality_versus_cost(quality_and_cost(groups), folder)
+        if path is not None:
+            figures[QUALITY_AND_COST] = str(path.relative_to(out.parent))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(records, figures=figures))
+    out.write_text(render_markdown(records, figures=figures, profile=_profile_section(results_dir, out, with_figures)))
     return out
+
+
+def _profile_section(results_dir: Path, out: Path, with_figures: bool) -> list[str]:
+    """The scaling section when ``ifbench profile`` wrote its measurements into the results folder."""
+    from bench import scaling
+
+    loaded = scaling.load(results_dir)
+    if loaded is None:
+        return []
+    points, payload = loaded
+    paths = scaling.figure(points, out.parent / "figures") if with_figures else []
+    return scaling.render(points, payload, [str(p.relative_to(out.parent)) for p in paths])

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from bench import environment, metrics
 from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, pack_truth, unpack_trained, unpack_truth
 from bench.config import ConfigError
+from bench.context import fit_context, head_view_context
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
 from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
-from estimators.base import Estimator, FitContext, NotApplicable
+from estimators.base import Estimator, NotApplicable
 from tasks.base import HeadView, Params, Split, Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -230,17 +231,9 @@ class Runner:
             try:
                 view = self._head_view(task, base, est)
                 if view is None:
-                    ctx = FitContext(
-                        model=task.build_model(), params=base.params, loss=task.loss, l2=task.l2, train=data.train,
-                        seed=seed, checkpoints=base.checkpoints, exact_hessian=lambda: task.exact_hessian(base.params, data),
-                        default_parameters=task.influence_parameters,
-                        embed=lambda split, space: task.embed(base.params, split, space),
-                        embedding_spaces=task.embedding_spaces, head_view_at=task.head_view,
-                    )
+                    ctx = fit_context(task, data, base, seed)
                 else:  # same influence on the head's parameters, over features computed once
-                    ctx = FitContext(model=view.module, params=view.params, loss=task.loss, l2=task.l2,
-                                     train=view.split(data.train), seed=seed, embed=_penultimate_of_view,
-                                     embedding_spaces=("penultimate",))
+                    ctx = head_view_context(task, view, data, seed)
                     queries = view.split(data.queries)
                     lift = functools.partial(_prefixed, view.prefix)
                 estimator = est.cls(est.config)
@@ -432,13 +425,6 @@ def _identity(update: Params) -> Params:
 def _prefixed(prefix: str, update: Params) -> Params:
     """A head view's parameter names back in the whole model's namespace."""
     return {f"{prefix}.{name}": value for name, value in update.items()}
-
-
-def _penultimate_of_view(split: Split, space: str) -> torch.Tensor:
-    """On a head view the inputs *are* the penultimate features."""
-    if space != "penultimate":
-        raise ValueError(f"a head view offers only the 'penultimate' feature space, not {space!r}")
-    return split.inputs.flatten(1)
 
 
 def _release_memory(device: torch.device) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.config import EmptyConfig
+from estimators.autodiff import FlatLoss
 from tasks.base import Checkpoint, HeadView, Params, Split
 
 #: Capabilities an estimator may declare; the runner asks only for what is declared.
@@ -65,6 +66,21 @@ class FitContext:
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
+
+    def flat_at(self, params: Params, names: tuple[str, ...], function: Callable[[Tensor, Tensor], Tensor] | None = None
+                ) -> tuple[FlatLoss, Callable[[Split], Split]]:
+        """``function`` (default: the loss; per-example ``[b]`` from outputs and targets) at ``params`` as a
+        function of the flat ``names`` parameters, and how a split is fed to it: through the task's head view
+        at ``params`` when ``names`` are exactly the head (the same values, the trunk run once per split)."""
+        function = self.loss if function is None else function
+        view = self.head_view_at(params) if self.head_view_at is not None else None
+        if view is not None and names == (view.prefix,):
+            return FlatLoss.of(view.module, view.params, function), view.split
+        return FlatLoss.of(self.model, params, function, names or None), _unchanged
+
+
+def _unchanged(split: Split) -> Split:
+    return split
 
 
 class NotApplicable(Exception):

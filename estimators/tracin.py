@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from bench.registry import registered
-from estimators.autodiff import FlatLoss, per_example_grads
+from estimators.autodiff import per_example_grads, select_parameters
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
 from tasks.base import Params, Split
 
@@ -33,12 +33,8 @@ class Stage:
 def gradient_stage(ctx: FitContext, params: Params, names: tuple[str, ...], weight: float, chunk: int) -> Stage:
     """Per-example gradients at ``params`` on ``names``; through the task's head view at ``params`` when
     ``names`` are exactly the head (identical gradients, the trunk run once per split)."""
-    view = ctx.head_view_at(params) if ctx.head_view_at is not None else None
-    if view is not None and names == (view.prefix,):
-        flat = FlatLoss.of(view.module, view.params, ctx.loss)
-        return Stage(weight, lambda split: per_example_grads(flat, view.split(split), chunk=chunk))
-    flat = FlatLoss.of(ctx.model, params, ctx.loss, names or None)
-    return Stage(weight, lambda split: per_example_grads(flat, split, chunk=chunk))
+    flat, feed = ctx.flat_at(params, names)
+    return Stage(weight, lambda split: per_example_grads(flat, feed(split), chunk=chunk))
 
 
 class GradientSimilarity(Estimator):
@@ -47,9 +43,12 @@ class GradientSimilarity(Estimator):
     capabilities: ClassVar[frozenset[str]] = frozenset({SINGLE, SELF_INFLUENCE})
     normalise: ClassVar[bool] = False
 
+    version: ClassVar[str] = "2"  # 2: records n_parameters
+
     def fit(self, ctx: FitContext) -> None:
         self.ctx = ctx
         self.names = tuple(self.config.parameters or ctx.default_parameters)
+        self.n_parameters = sum(ctx.params[n].numel() for n in select_parameters(ctx.params, self.names))
         self.stages = self.make_stages(ctx)
 
     def make_stages(self, ctx: FitContext) -> list[Stage]:
@@ -76,7 +75,7 @@ class GradientSimilarity(Estimator):
         return total.float()
 
     def diagnostics(self) -> dict[str, float]:
-        return {"stages": float(len(self.stages))}
+        return {"stages": float(len(self.stages)), "n_parameters": float(self.n_parameters)}
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def test_top_k_overlap_is_hidden_when_trivial():
 def test_overview_shares_tied_ranks_skips_uninformative_columns_and_orders_by_fraction_of_ceiling():
     lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
     start = lines.index("## Overview")
-    table = [line for line in lines[start:lines.index("## mnist-logreg · loo")] if line.startswith("| `")]
+    table = [line for line in lines[start:lines.index("## Quality versus cost")] if line.startswith("| `")]
     cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in table}
     # mean over the informative ceiling columns (loo: ceiling 1; loo-warm: ceiling 0.5) of value / ceiling
     assert cells["`if-exact`"][0] == f"{(0.98 + 0.3001 / 0.5) / 2:.3f}"
@@ -93,3 +93,19 @@ def test_uninformative_sections_say_so_and_rank_nothing():
     warm = lines[lines.index("## mnist-resnet · loo-warm"):start]
     assert "| – | *noise ceiling* | 0.500 (0.400 – 0.600) |" in "\n".join(warm)
     assert any("scored against the mean of 2 retraining seeds (seed-vs-seed agreement r = 0.330)" in line for line in warm)
+
+
+def test_quality_and_cost_marks_the_pareto_front():
+    """An estimator is starred when no other is both better (score / ceiling) and cheaper (fit + scores)."""
+    def record(name, value, fit_s, score_s, protocol="loo"):
+        return {"task": "t", "protocol": protocol, "estimator": name, "status": "ok", "headline": "pearson",
+                "metrics": {"pearson": value}, "ceiling": 0.5, "informative": True,
+                "profile": {"fit_s": fit_s, "score_s": score_s}}
+
+    records = [record("a", 0.45, 8.0, 1.0), record("b", 0.25, 0.5, 0.5), record("c", 0.2, 4.0, 1.0),
+               record("a", 0.35, 8.0, 2.0, "lds"), record("b", 0.25, 0.5, 0.5, "lds"), record("c", 0.1, 4.0, 1.0, "lds")]
+    lines = render_markdown(records).splitlines()
+    rows = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in lines[lines.index("## Quality versus cost"):]
+            if row.startswith("| `")}
+    # a: mean(0.45/0.5, 0.35/0.5) = 0.8 at 8 + 1 + 2 s (one fit, both scorings)
+    assert rows == {"`a`": "0.800 · 11 ★", "`b`": "0.500 · 1.50 ★", "`c`": "0.300 · 6.00"}

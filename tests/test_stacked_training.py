@@ -98,3 +98,26 @@ def test_retrain_without_stacks_by_size_and_keeps_the_order():
         distances = torch.stack([(mine - other).norm() for other in flat])
         assert int(distances.argmin()) == i
         assert float(distances[i]) < 1e-3 * float(distances.sort().values[1])
+
+
+def test_throughput_command_reports_each_configuration(capsys):
+    from bench.cli import main
+
+    assert main(["throughput", "--tasks", "mnist-resnet", "--preset", "smoke", "--stacks", "2", "4", "--steps", "2",
+                 "--repeats", "1", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist-resnet")]
+    assert [row.split("|")[4:6] for row in rows] == [[" one at a time ", " 4 "], [" stacked ", " 2 "], [" stacked ", " 4 "]]
+    assert rows[0].rstrip().endswith("| 1.00 |")  # the ratio's reference
+    assert all(float(row.split("|")[6]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tasks", "mnist-logreg"], "task 'mnist-logreg' is not trained by SGD"),
+    (["--stacks", "0"], "--stacks, --steps and --repeats must be ≥ 1"),
+    (["--tasks", "mnist-resnet", "--preset", "huge"], "unknown preset 'huge' for task 'mnist-resnet'"),
+])
+def test_throughput_refuses_bad_requests(capsys, args, message):
+    from bench.cli import main
+
+    assert main(["throughput", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""K-FAC and EK-FAC: exact where the curvature is Kronecker-factored, EK-FAC's eigenvalues the closer fit."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from estimators.autodiff import FlatLoss, full_hessian, per_example_grads
+from estimators.base import FitContext
+from estimators.kfac import Ekfac, Kfac, KfacConfig
+from tasks.base import Split
+
+
+def fitted(cls, ctx, **options):
+    estimator = cls(KfacConfig(**options))
+    estimator.fit(ctx)
+    return estimator
+
+
+def squared_error(outputs, targets):
+    return 0.5 * (outputs - targets).pow(2).sum(1)
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """Linear regression with squared error: the Hessian is exactly (mean x̃x̃ᵀ) ⊗ I (x̃ = [x, 1]), so
+    K-FAC and EK-FAC are exact there."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(50, 4, generator=generator, dtype=torch.float64) + 0.3
+    targets = torch.randn(50, 3, generator=generator, dtype=torch.float64)
+    model = nn.Linear(4, 3).double()
+    params = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in model.named_parameters()}
+    ctx = FitContext(model, params, squared_error, 0.05, Split(inputs, targets), seed=0)
+    queries = Split(torch.randn(6, 4, generator=generator, dtype=torch.float64),
+                    torch.randn(6, 3, generator=generator, dtype=torch.float64))
+    return ctx, queries
+
+
+def exact_influence(ctx, queries):
+    flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss)
+    hessian = full_hessian(flat, ctx.train, ctx.l2)
+    query_grads, train_grads = per_example_grads(flat, queries), per_example_grads(flat, ctx.train)
+    return query_grads @ torch.linalg.solve(hessian, train_grads.T) / len(ctx.train)
+
+
+@pytest.mark.parametrize("cls", [Kfac, Ekfac])
+def test_exact_on_a_kronecker_factored_hessian(regression, cls):
+    ctx, queries = regression
+    estimator = fitted(cls, ctx)
+    scores = estimator.score(queries, torch.arange(len(ctx.train)))
+    assert estimator.diagnostics() == {"layers": 1.0, "n_parameters": 15.0, "n_parameters_left_out": 0.0}
+    torch.testing.assert_close(scores.double(), exact_influence(ctx, queries), rtol=1e-5, atol=1e-8)  # float32 scores
+
+
+def dense_curvature(estimator) -> torch.Tensor:
+    """The estimator's curvature as a dense matrix (l2 shift removed): invert its inverse-HVP on the identity."""
+    size = estimator.flat.size
+    inverse = estimator.inverse_hvp(torch.eye(size, dtype=torch.float64))
+    return torch.linalg.inv(inverse) - estimator.ctx.l2 * torch.eye(size, dtype=torch.float64)
+
+
+def test_ekfac_fits_the_gauss_newton_matrix_at_least_as_well_as_kfac(toy):
+    """On multinomial logistic regression the Hessian (its own Gauss–Newton matrix) is not Kronecker-factored;
+    in K-FAC's eigenbasis EK-FAC's eigenvalues minimise the Frobenius error (George et al. 2018)."""
+    flat = FlatLoss.of(toy.ctx.model, toy.ctx.params, toy.ctx.loss)
+    exact = full_hessian(flat, toy.ctx.train, 0.0).double()
+    kfac_error = (dense_curvature(fitted(Kfac, toy.ctx)) - exact).norm()
+    ekfac_error = (dense_curvature(fitted(Ekfac, toy.ctx)) - exact).norm()
+    assert ekfac_error <= kfac_error * (1 + 1e-9)
+    assert kfac_error > 1e-6 * exact.norm()  # not exact here: the comparison means something
+
+
+def test_conv_layers_are_unfolded_like_the_convolution():
+    """A Conv2d layer's per-example gradient is Σ_positions s aᵀ over unfolded patches: EK-FAC's
+    curvature then equals the per-example gradients' second moment in its eigenbasis (its definition)."""
+    generator = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).double()
+    params = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64) * 0.3 for k, v in model.named_parameters()}
+    train = Split(torch.randn(20, 2, 5, 5, generator=generator, dtype=torch.float64), torch.arange(20) % 4)
+    ctx = FitContext(model, params, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), 0.01, train, seed=0)
+    estimator = fitted(Ekfac, ctx)
+    conv = estimator.layers[0]
+    # the true per-example gradients, by autograd, in the layer's eigenbasis: with labels drawn from the model,
+    # E_y[g gᵀ]; here the expectation is written out over the 4 classes with their probabilities
+    flat = FlatLoss.of(model, params, ctx.loss, ("0.weight", "0.bias"))
+    with torch.no_grad():
+        probabilities = torch.softmax(functional_outputs(model, params, train.inputs), 1)
+    expected = torch.zeros_like(conv.curvature)
+    for c in range(4):
+        grads = per_example_grads(flat, dataclasses.replace(train, targets=torch.full((20,), c)))
+        rotated = conv.q_s.T @ conv.matrices(grads) @ conv.q_a
+        expected += (probabilities[:, c, None, None] * rotated.pow(2)).sum(0) / 20
+    torch.testing.assert_close(conv.curvature, expected, rtol=1e-8, atol=1e-12)
+
+
+def functional_outputs(model, params, inputs):
+    return torch.func.functional_call(model, params, (inputs,))
+
+
+def test_norm_parameters_are_left_out_and_counted():
+    generator = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
+    params = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64) * 0.3 for k, v in model.named_parameters()}
+    train = Split(torch.randn(12, 1, 5, 5, generator=generator, dtype=torch.float64), torch.arange(12) % 3)
+    ctx = FitContext(model, params, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), 0.01, train, seed=0)
+    every = fitted(Ekfac, ctx, parameters=tuple(params))
+    default = fitted(Ekfac, ctx)
+    assert every.diagnostics() == default.diagnostics() == {"layers": 2.0, "n_parameters": 40.0 + 111.0,
+                                                           "n_parameters_left_out": 8.0}
+    idx = torch.arange(12)
+    torch.testing.assert_close(every.score(train, idx), default.score(train, idx))
