@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from estimators.autodiff import FlatLoss, full_hessian, per_example_grads
-from estimators.base import FitContext
+from estimators.base import FitContext, NotApplicable
 from estimators.kfac import Ekfac, Kfac, KfacConfig
 from tasks.base import Split
 
@@ -110,3 +110,9 @@ def test_norm_parameters_are_left_out_and_counted():
                                                            "n_parameters_left_out": 8.0}
     idx = torch.arange(12)
     torch.testing.assert_close(every.score(train, idx), default.score(train, idx))
+
+
+def test_too_many_parameters_is_not_applicable(regression):
+    ctx, _ = regression
+    with pytest.raises(NotApplicable, match="15 parameters in the covered layers exceed max_parameters=10"):
+        fitted(Kfac, ctx, max_parameters=10)
