@@ -13,18 +13,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
-import os
 import pickle
 import signal
 import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from bench.profile import current_rss_mb
+
 POLL_SECONDS = 0.05
-_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @dataclass(frozen=True)
@@ -58,13 +57,6 @@ def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
         conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
     finally:
         conn.close()
-
-
-def resident_mb(pid: int) -> float | None:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_MB
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _death(exitcode: int | None) -> str:
@@ -117,7 +109,7 @@ def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tupl
             if deadline is not None and time.monotonic() > deadline:
                 yield ("died", in_flight, f"exceeded the cell time limit (cell_timeout_s = {limits.timeout_s:g} s)")
                 return
-            rss = resident_mb(worker.pid) if limits.memory_mb else None
+            rss = current_rss_mb(worker.pid) if limits.memory_mb else None
             if rss is not None and rss > limits.memory_mb:
                 yield ("died", in_flight, f"exceeded the cell memory cap (cell_memory_mb = {limits.memory_mb:g}; "
                        f"the worker held {rss:.0f} MB)")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-_STATM = Path("/proc/self/statm")
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 4096 / 2**20
 SAMPLE_SECONDS = 0.005
 
@@ -42,10 +41,10 @@ class PhaseProfile:
     rss_method: str = ""
 
 
-def current_rss_mb() -> float | None:
-    """The process's resident set size now, or None without ``/proc``."""
+def current_rss_mb(pid: int | str = "self") -> float | None:
+    """A process's (default: this one's) resident set size now, or None without ``/proc``."""
     try:
-        return int(_STATM.read_text().split()[1]) * _PAGE_MB
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_MB
     except (OSError, IndexError, ValueError):
         return None
 
