@@ -85,14 +85,12 @@ class SgdTask(Task):
             replicate = self.replicate_seed(spec.seed)
             start, seed = self.trainable(self.initial_params(replicate)), derive_seed(replicate, "order")
             max_steps, lr = None, None
-        results: dict[int, Retrained] = {}
-        diagnostics = {"steps": float(spec.steps)}
         if self.retrain_batch == 1:
-            for i, exclude in enumerate(excludes):
-                params, _ = run_sgd(self.build_model(), start, data.train, self.loss, self.recipe, seed=seed,
-                                    exclude=exclude, max_steps=max_steps, constant_lr=lr)
-                results[i] = Retrained(params, diagnostics)
-            return [results[i] for i in range(len(excludes))]
+            return [Retrained(run_sgd(self.build_model(), start, data.train, self.loss, self.recipe, seed=seed,
+                                      exclude=exclude, max_steps=max_steps, constant_lr=lr)[0],
+                              {"steps": float(spec.steps)})
+                    for exclude in excludes]
+        results: dict[int, Retrained] = {}
         by_size: dict[int, list[int]] = {}
         for i, exclude in enumerate(excludes):
             by_size.setdefault(len(exclude), []).append(i)
@@ -102,5 +100,6 @@ class SgdTask(Task):
                 stack = members[first : first + self.retrain_batch]
                 trained = run_sgd_stacked(forward, start, data.train, self.loss, self.recipe, seed=seed,
                                           excludes=[excludes[i] for i in stack], max_steps=max_steps, constant_lr=lr)
-                results.update({i: Retrained(params, diagnostics) for i, params in zip(stack, trained, strict=True)})
+                results.update({i: Retrained(params, {"steps": float(spec.steps)})
+                                for i, params in zip(stack, trained, strict=True)})
         return [results[i] for i in range(len(excludes))]
