@@ -170,7 +170,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.records:
         import json
 
-        from bench.leaderboard import select_latest
+        from bench.pooling import select_latest
         from bench.store import ResultsStore
 
         shown = select_latest(ResultsStore(args.results).records())

@@ -53,13 +53,23 @@ class ComponentSpec:
     preset: str = "default"
     #: tasks only: the suite protocols to run on this task (empty: all of them)
     protocols: tuple[str, ...] = ()
+    #: tasks only: independently trained base models θ̂ each cell is repeated on (non-convex tasks)
+    base_models: int = 1
+    #: tasks only: protocol options for this task, over the suite's ``[[protocols]]`` options
+    protocol_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @classmethod
-    def of(cls, name: str, preset: str = "default", protocols: tuple[str, ...] = (), **options: Any) -> ComponentSpec:
-        return cls(name=name, options=_freeze(options), preset=preset, protocols=tuple(protocols))
+    def of(cls, name: str, preset: str = "default", protocols: tuple[str, ...] = (), base_models: int = 1,
+           protocol_options: Mapping[str, Mapping[str, Any]] | None = None, **options: Any) -> ComponentSpec:
+        frozen = tuple(sorted((k, _freeze(v)) for k, v in (protocol_options or {}).items()))
+        return cls(name=name, options=_freeze(options), preset=preset, protocols=tuple(protocols),
+                   base_models=base_models, protocol_options=frozen)
 
     def options_dict(self) -> dict[str, Any]:
         return dict(self.options)
+
+    def protocol_options_for(self, protocol: str) -> dict[str, Any]:
+        return dict(dict(self.protocol_options).get(protocol, ()))
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,9 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     return value
 
 
+_TASK_ONLY_KEYS = ("name", "preset", "protocols", "base_models", "protocol_options")
+
+
 def _component_list(raw: Any, key: str) -> tuple[ComponentSpec, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"suite key {key!r} must be a non-empty array of tables like [[{key}]] name = ...")
@@ -143,13 +156,20 @@ def _component_list(raw: Any, key: str) -> tuple[ComponentSpec, ...]:
             item = {"name": item}
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{key}[{i}] must be a table with a string 'name', got {item!r}")
-        options = {k: v for k, v in item.items() if k not in ("name", "preset", "protocols")}
-        protocols = item.get("protocols", [])
-        if key != "tasks" and protocols:
-            raise ConfigError(f"{key}[{i}]: only [[tasks]] tables take a 'protocols' list")
+        options = {k: v for k, v in item.items() if k not in _TASK_ONLY_KEYS}
+        protocols, base_models = item.get("protocols", []), item.get("base_models", 1)
+        protocol_options = item.get("protocol_options", {})
+        if key != "tasks" and any(k in item for k in _TASK_ONLY_KEYS[2:]):
+            raise ConfigError(f"{key}[{i}]: only [[tasks]] tables take {', '.join(map(repr, _TASK_ONLY_KEYS[2:]))}")
+        if not isinstance(protocol_options, dict) or not all(isinstance(v, dict) for v in protocol_options.values()):
+            raise ConfigError(f"{key}[{i}]: [tasks.protocol_options.NAME] tables must hold option = value pairs, "
+                              f"got {protocol_options!r}")
         if not isinstance(protocols, list) or not all(isinstance(p, str) for p in protocols):
             raise ConfigError(f"{key}[{i}].protocols must be a list of protocol names, got {protocols!r}")
-        specs.append(ComponentSpec.of(item["name"], str(item.get("preset", "default")), tuple(protocols), **options))
+        if isinstance(base_models, bool) or not isinstance(base_models, int) or base_models < 1:
+            raise ConfigError(f"{key}[{i}].base_models must be an integer ≥ 1, got {base_models!r}")
+        specs.append(ComponentSpec.of(item["name"], str(item.get("preset", "default")), tuple(protocols), base_models,
+                                      protocol_options, **options))
     return tuple(specs)
 
 
@@ -233,9 +253,10 @@ def with_overrides(suite: SuiteConfig, **overrides: Any) -> SuiteConfig:
 
 
 def _narrow_task_protocols(tasks: tuple[ComponentSpec, ...], chosen: list[str]) -> tuple[ComponentSpec, ...]:
-    """Keep each task's own protocol list, narrowed to ``chosen``; drop tasks left with none of them."""
+    """Keep each task's own protocol list (and options), narrowed to ``chosen``; drop tasks left with none."""
     kept = []
     for spec in tasks:
+        spec = dataclasses.replace(spec, protocol_options=tuple((n, o) for n, o in spec.protocol_options if n in chosen))
         if not spec.protocols:
             kept.append(spec)
         elif narrowed := tuple(p for p in spec.protocols if p in chosen):

@@ -19,10 +19,10 @@ def fit_context(task: Task, data: TaskData, base: TrainedModel, seed: int) -> Fi
     )
 
 
-def head_view_context(task: Task, view: HeadView, data: TaskData, seed: int) -> FitContext:
-    """The same on the task's head view: the head's parameters over features computed once (queries must go
-    through ``view.split`` too)."""
-    return FitContext(model=view.module, params=view.params, loss=task.loss, l2=task.l2, train=view.split(data.train),
+def head_view_context(task: Task, view: HeadView, train: Split, seed: int) -> FitContext:
+    """The same on the task's head view: the head's parameters over ``train``'s features, ``view.split(data.train)``
+    (queries must go through ``view.split`` too)."""
+    return FitContext(model=view.module, params=view.params, loss=task.loss, l2=task.l2, train=train,
                       seed=seed, embed=_penultimate_of_view, embedding_spaces=("penultimate",))
 
 

@@ -48,8 +48,10 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
         ax.set_xlabel("actual Δ query loss (retrained)")
         ax.set_ylabel(f"predicted by {record['estimator']}")
         headline = _headline(record)
+        several = (record.get("base_models") or 1) > 1  # pooled: the metric is the mean, the points base model 1's
         ax.set_title(f"{task} · {protocol}\n{record['estimator']}: mean per-query {metric_title(headline)} "
-                     f"{record['metrics'][headline]:.3f}", fontsize=10)
+                     f"{record['metrics'][headline]:.3f}" + (f" ({record['base_models']} base models;\npoints: base "
+                                                             "model 1)" if several else ""), fontsize=10)
         ax.ticklabel_format(style="sci", scilimits=(-2, 2))
         ax.legend(loc="upper left")
         fig.tight_layout()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from bench.metrics import INFORMATIVE_CEILING, metric_title
+from bench.pooling import pool_base_models
 from bench.store import ResultsStore
 
 DEFAULT_COLUMNS = ("spearman", "kendall", "top_k_overlap")
@@ -49,14 +49,6 @@ def _with_ci(record: dict[str, Any], name: str) -> str:
     if mean is None:
         return "–"
     return f"{_num(mean)} ({_num(low)} – {_num(high)})" if low is not None else _num(mean)
-
-
-def select_latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last record of each (task, protocol, estimator), in first-seen order."""
-    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for record in records:
-        latest[(record["task"], record["protocol"], record["estimator"])] = record
-    return list(latest.values())
 
 
 def headline_of(record: dict[str, Any]) -> str:
@@ -111,8 +103,9 @@ def _not_applicable(record: dict[str, Any]) -> bool:
 
 def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | None = None,
                     profile: list[str] = ()) -> str:
-    """The leaderboard as markdown: a header, an overview, then one table per (task, protocol)."""
-    rows = select_latest(records)
+    """The leaderboard as markdown: a header, an overview, then one table per (task, protocol) (each cell's
+    latest records, pooled over its base models)."""
+    rows = pool_base_models(records)
     if not rows:
         return "\n".join(["# ifbench leaderboard", "", "No results yet: run `ifbench run` first.", "", *profile]).rstrip() + "\n"
     groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
@@ -144,9 +137,11 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         "little signal to rank estimators, and they are listed unranked. Estimators whose headline agrees to the "
         f"{RANK_DECIMALS} decimals shown share a rank. ↓ marks a metric where lower is better.",
         "",
+        *_base_models_paragraph(rows),
         "*params* is how many of the model's parameters the estimator works on (the task's suggested subset, the "
         "last layer, unless the estimator covers more). *fit s* and *score s* are wall-clock seconds of the "
-        "estimator's own work (metrics are timed apart). "
+        "estimator's own work (metrics are timed apart, and so are the frozen features a head-only estimator works on, "
+        "computed once per model for all estimators). "
         "*own MB* is what the estimator added to the process's resident memory: its peak during fit and score above "
         "the resident size before its fit (on CUDA: the peak CUDA allocation); *process MB* is the peak resident size "
         "meanwhile of the process that ran the cell (by default a worker per task, holding the task's data, model and "
@@ -168,11 +163,17 @@ def _facts(head: dict[str, Any]) -> list[str]:
     """The task's facts, then those the protocol gave its ground truth, then its cost."""
     diagnostics, gt = head.get("task_diagnostics", {}), head.get("groundtruth_diagnostics", {})
     facts = [f"preset `{head.get('preset', '?')}`"]
+    several = (head.get("base_models") or 1) > 1
+    if several:
+        facts.append(f"{head['base_models']} base models (θ̂ trained from independent seeds; values are their mean, "
+                     "ranges their lowest and highest)")
     if "test_accuracy" in diagnostics:
-        facts.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%")
+        low, high = diagnostics.get("test_accuracy_range") or (None, None)
+        spread = f" ({100 * low:.1f}–{100 * high:.1f}%)" if several and low is not None else ""
+        facts.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%{spread}")
     facts += head.get("facts", [])
     if gt.get("seconds") is not None:
-        facts.append(f"ground truth took {_seconds(gt['seconds'])} s")
+        facts.append(f"ground truth took {_seconds(gt['seconds'])} s" + (" in all" if several else ""))
     return facts
 
 
@@ -184,6 +185,7 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     hide_top_k = (head.get("n_columns") or top_k + 1) <= top_k  # trivially 1: every column is in the top k
     informative = _informative(head)
     ci_note = " (95% CI)" if any(r.get("ci", {}).get(headline) for r in group) else ""
+    spread = any((r.get("base_models") or 1) > 1 for r in group)  # a column: the headline's range over base models
     lines = [f"## {task} · {protocol}" + ("" if informative else " (uninformative)"), "", "; ".join(_facts(head)) + "."]
     if not informative:
         low = (gt.get(f"ceiling_{headline}_ci") or [None])[0]
@@ -191,14 +193,14 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
                   "the estimators are listed by their value but not ranked."]
     lines += [
         "",
-        f"| rank | estimator | {_title(head, headline)}{ci_note} | "
+        f"| rank | estimator | {_title(head, headline)}{ci_note} | " + ("base models' range | " if spread else "")
         + " | ".join(_title(head, c) for c in columns) + " | params | fit s | score s | own MB | process MB |",
-        "|---:|---|---|" + "---:|" * len(columns) + "---:|---:|---:|---:|---:|",
+        "|---:|---|---|" + ("---|" if spread else "") + "---:|" * len(columns) + "---:|---:|---:|---:|---:|",
     ]
     if gt.get(f"ceiling_{headline}") is not None:
         low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
         lines.append(f"| – | *noise ceiling* | {_num(gt[f'ceiling_{headline}'])} ({_num(low)} – {_num(high)}) | "
-                     + " | " * len(columns) + " | | | | |")
+                     + (" | " if spread else "") + " | " * len(columns) + " | | | | |")
     ranks = shared_ranks(group) if informative else {}
     for record in group:
         profile = record.get("profile") or {}
@@ -209,6 +211,7 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
             own = profile.get("peak_cuda_mb") or profile.get("own_mem_mb")
             lines.append(
                 f"| {ranks.get(record['estimator'], '–')} | `{record['estimator']}` | {_with_ci(record, headline)} | "
+                + (f"{_spread(record, headline)} | " if spread else "")
                 + " | ".join(_num(m.get(c)) for c in columns)
                 + f" | {_count((record.get('estimator_diagnostics') or {}).get('n_parameters'))}"
                 + f" | {_seconds(profile.get('fit_s'))} | {_seconds(profile.get('score_s'))} | {_num(own, 0)} "
@@ -218,7 +221,8 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
             continue  # listed once below the table
         else:
             error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
-            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |" + " |" * (len(columns) + 5))
+            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |"
+                         + " |" * (len(columns) + 5 + spread))
     lines.append("")
     skipped = [r["estimator"] for r in group if _not_applicable(r)]
     if skipped:
@@ -227,6 +231,28 @@ def _section(task: str, protocol: str, group: list[dict[str, Any]], figure: str 
     if figure:
         lines += [f"![{task} {protocol}: predicted vs actual]({figure})", ""]
     return lines
+
+
+def _spread(record: dict[str, Any], name: str) -> str:
+    """A metric's lowest and highest base model: ``0.412 – 0.455``."""
+    low, high = (record.get("spread", {}).get(name) or [None, None])[:2]
+    return f"{_num(low)} – {_num(high)}" if low is not None else "–"
+
+
+def _base_models_paragraph(rows: list[dict[str, Any]]) -> list[str]:
+    """How cells repeated over several base models are pooled (only when some are)."""
+    counts = sorted({r["base_models"] for r in rows if (r.get("base_models") or 1) > 1})
+    if not counts:
+        return []
+    return [
+        f"On the non-convex tasks each cell is repeated on {' or '.join(map(str, counts))} *base models*: θ̂ trained "
+        "from independent seeds on the same data, the estimator fitted and the ground truth retrained around each. "
+        "A cell's metrics, noise ceiling and costs are the means over its base models; its interval is the mean ± "
+        "1.96·√(Σ se²)/M, combining the base models' bootstrap standard errors (the uncertainty from queries and "
+        "columns given these base models), and the *base models' range* column gives the lowest and highest base "
+        "model, the spread a single θ̂ would leave. Ranks, the uninformative rule and the overview use the means.",
+        "",
+    ]
 
 
 def _aggregate_columns(groups: dict[Key, list[dict[str, Any]]]) -> list[Key]:
@@ -350,7 +376,7 @@ def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True
     if with_figures and records:
         from bench.figures import quality_versus_cost, scatter_best
 
-        latest, folder = select_latest(records), out.parent / "figures"
+        latest, folder = pool_base_models(records), out.parent / "figures"
         for (task, protocol), path in scatter_best(store, latest, folder).items():
             figures[(task, protocol)] = str(path.relative_to(out.parent))
         groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)

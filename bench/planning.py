@@ -11,17 +11,19 @@ from tasks.base import Task
 
 
 @dataclass(frozen=True)
-class PlannedTask:
-    spec: ComponentSpec
-    cls: type[Task]
-    config: Any
-
-
-@dataclass(frozen=True)
 class PlannedComponent:
     name: str
     cls: type
     config: Any
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    spec: ComponentSpec
+    cls: type[Task]
+    config: Any
+    #: the protocols this task runs, each configured by the suite's options then the task's own
+    protocols: tuple[PlannedComponent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,15 @@ class Plan:
     estimators: tuple[PlannedComponent, ...]
 
 
-
 def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
     """Resolve every name and option; raises RegistryError / ConfigError before any work."""
     registries.tasks.check(s.name for s in suite.tasks)
     registries.protocols.check(s.name for s in suite.protocols)
     suite_protocols = [s.name for s in suite.protocols]
     for spec in suite.tasks:
-        for name in spec.protocols:
+        for name in [*spec.protocols, *(name for name, _ in spec.protocol_options)]:
             if name not in suite_protocols:
-                raise ConfigError(f"task {spec.name!r} lists protocol {name!r}, which the suite does not run "
+                raise ConfigError(f"task {spec.name!r} names protocol {name!r}, which the suite does not run "
                                   f"(suite protocols: {', '.join(suite_protocols)})")
     names = registries.estimators.names() if "all" in suite.estimators else list(dict.fromkeys(suite.estimators))
     registries.estimators.check(names)
@@ -52,19 +53,34 @@ def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
     registries.estimators.check(name for name, _ in suite.estimator_options)
     for name, _ in suite.estimator_options:
         make_config(registries.estimators.get(name).Config, suite.options_for(name), f"estimator {name}")
+    protocols = []
+    for spec in suite.protocols:
+        cls = registries.protocols.get(spec.name)
+        protocols.append(PlannedComponent(spec.name, cls, make_config(cls.Config, spec.options_dict(), f"protocol {spec.name}")))
     tasks = []
     for spec in suite.tasks:
         cls = registries.tasks.get(spec.name)
         if spec.preset not in cls.presets:
             raise ConfigError(f"unknown preset {spec.preset!r} for task {spec.name!r}. Valid presets: {', '.join(cls.presets)}")
         config = make_config(cls.Config, spec.options_dict(), f"task {spec.name}", base=cls.presets[spec.preset])
-        tasks.append(PlannedTask(spec, cls, config))
-    protocols = []
-    for spec in suite.protocols:
-        cls = registries.protocols.get(spec.name)
-        protocols.append(PlannedComponent(spec.name, cls, make_config(cls.Config, spec.options_dict(), f"protocol {spec.name}")))
+        if cls.convex and spec.base_models > 1:
+            raise ConfigError(f"task {spec.name!r} is convex: its trained model is the unique optimum, so "
+                              f"base_models must be 1, got {spec.base_models}")
+        tasks.append(PlannedTask(spec, cls, config, _task_protocols(spec, protocols)))
     estimators = []
     for name in names:
         cls = registries.estimators.get(name)
         estimators.append(PlannedComponent(name, cls, make_config(cls.Config, suite.options_for(name), f"estimator {name}")))
     return Plan(suite, tuple(tasks), tuple(protocols), tuple(estimators))
+
+
+def _task_protocols(spec: ComponentSpec, protocols: list[PlannedComponent]) -> tuple[PlannedComponent, ...]:
+    """The task's protocols (its list, or all the suite's), with its own options over the suite's."""
+    chosen = []
+    for protocol in protocols:
+        if spec.protocols and protocol.name not in spec.protocols:
+            continue
+        own = spec.protocol_options_for(protocol.name)
+        config = make_config(protocol.cls.Config, own, f"task {spec.name}: protocol {protocol.name}", base=protocol.config)
+        chosen.append(PlannedComponent(protocol.name, protocol.cls, config) if own else protocol)
+    return tuple(chosen)

@@ -61,6 +61,8 @@ class Runner:
         self.cache = ArtifactCache(self.results_dir / "cache")
         self.progress, self.retry_failed = progress, retry_failed
         self.device = torch.device(self.suite.device)
+        #: head-view features by (model, inputs): shared by the estimators of a job (see :meth:`_view_split`)
+        self._features: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def run(self) -> RunSummary:
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -75,21 +77,35 @@ class Runner:
 
     # -- task level ----------------------------------------------------------
     def _run_task(self, planned: PlannedTask, done: dict[str, Any], summary: RunSummary) -> None:
-        suite = self.suite
-        task_seed = derive_seed(suite.seed, "task", planned.spec.name)
-        task = planned.cls(planned.config, seed=task_seed, device=self.device)
-        task_key = stable_hash("task", planned.spec.name, planned.cls.version, planned.config, task_seed,
-                               self.device.type, suite.threads)
-        protocols = [p for p in self.plan.protocols if not planned.spec.protocols or p.name in planned.spec.protocols]
+        """Every cell of the task, once per base model (independently trained θ̂ on the same data, loaded once)."""
+        loaded: list[TaskData] = []
+
+        def data_of(task: Task) -> TaskData:
+            if not loaded:
+                loaded.append(task.load_data())
+            return loaded[0]
+
+        for base_model in range(planned.spec.base_models):
+            self._run_base_model(planned, base_model, data_of, done, summary)
+
+    def _run_base_model(self, planned: PlannedTask, base_model: int, data_of: Callable[[Task], TaskData],
+                        done: dict[str, Any], summary: RunSummary) -> None:
+        suite, name = self.suite, planned.spec.name
+        task_seed = derive_seed(suite.seed, "task", name)
+        task = planned.cls(planned.config, seed=task_seed, device=self.device, base_model=base_model)
+        task_key = stable_hash("task", name, planned.cls.version, planned.config, task_seed, self.device.type,
+                               suite.threads, *(("base model", base_model) if base_model else ()))
+        protocols = list(planned.protocols)
         cells = [(p, e) for p in protocols for e in self.plan.estimators]
         predictions = {(p.name, e.name): self._prediction_key(task_key, p, e) for p, e in cells}
         keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
         pending = [(p, e) for p, e in cells if keys[p.name, e.name] not in done]
         summary.skipped += len(cells) - len(pending)
+        label = name if planned.spec.base_models == 1 else f"{name} base model {base_model + 1}/{planned.spec.base_models}"
         if not pending:
-            log.info("%s: all %d cells already finished", planned.spec.name, len(cells))
+            log.info("%s: all %d cells already finished", label, len(cells))
             return
-        data = task.load_data()
+        data = data_of(task)
         base = self._base_model(task, data, task_key)
         truths: dict[str, GroundTruth | str] = {}
         for protocol_plan in protocols:
@@ -97,9 +113,9 @@ class Runner:
                 try:
                     truths[protocol_plan.name] = self._ground_truth(task, data, base, task_key, protocol_plan)
                 except Exception as err:  # recorded in every cell of this protocol; the run goes on
-                    log.error("ground truth %s/%s failed: %s", planned.spec.name, protocol_plan.name, err)
+                    log.error("ground truth %s/%s failed: %s", label, protocol_plan.name, err)
                     truths[protocol_plan.name] = f"ground truth failed: {_describe(err)}"
-        bar = tqdm(total=len(pending), desc=f"{planned.spec.name}", unit="cell", disable=not self.progress)
+        bar = tqdm(total=len(pending), desc=label, unit="cell", disable=not self.progress)
         job = CellJob(self.plan, self.results_dir, task, data, base, planned, truths, tuple(pending), keys, predictions)
         remaining = list(pending)
         while remaining:  # a worker that dies takes its estimator's unfinished cells of this task with it
@@ -113,7 +129,7 @@ class Runner:
                     bar.update(1)
                 elif message[0] == "died":
                     for cell in self._lost_cells(message[1], remaining):
-                        record = self._base_record(planned, cell[0], cell[1], keys[cell[0].name, cell[1].name])
+                        record = self._base_record(planned, base_model, cell[0], cell[1], keys[cell[0].name, cell[1].name])
                         record["error"] = f"{message[2]} ({_where(message[1], cell)}; the run went on)"
                         self._keep(record, summary, planned)
                         remaining.remove(cell)
@@ -227,24 +243,35 @@ class Runner:
             return fitted[fit_key]
         estimator, error, queries, lift = None, None, data.queries, _identity
         seed = derive_seed(self.suite.seed, "estimator", est.name, planned.spec.name)
+        try:  # the task's frozen features, like its data, are computed once and not charged to the estimator
+            view = self._head_view(task, base, est)
+            if view is not None:
+                train, queries = self._view_split(view, base, data.train), self._view_split(view, base, data.queries)
+        except Exception as err:
+            view, error = None, f"head view failed: {_describe(err)}"
         with profiled(self.device) as prof:
             try:
-                view = self._head_view(task, base, est)
-                if view is None:
-                    ctx = fit_context(task, data, base, seed)
-                else:  # same influence on the head's parameters, over features computed once
-                    ctx = head_view_context(task, view, data, seed)
-                    queries = view.split(data.queries)
-                    lift = functools.partial(_prefixed, view.prefix)
-                estimator = est.cls(est.config)
-                estimator.fit(ctx)
+                if error is None:
+                    if view is None:
+                        ctx = fit_context(task, data, base, seed)
+                    else:  # same influence on the head's parameters, over features computed once
+                        ctx = head_view_context(task, view, train, seed)
+                        lift = functools.partial(_prefixed, view.prefix)
+                    estimator = est.cls(est.config)
+                    estimator.fit(ctx)
             except NotApplicable as err:
                 error, estimator = f"{NOT_APPLICABLE}: {err}", None
             except Exception as err:  # a crashing estimator becomes a failed cell
-                error = _describe(err)
-                estimator = None
+                error, estimator = _describe(err), None
         fitted[fit_key] = Fitted(estimator, prof, error, queries, lift, data, base)
         return fitted[fit_key]
+
+    def _view_split(self, view: HeadView, base: TrainedModel, split: Split) -> Split:
+        """``view.split(split)``, its features computed once per (model, inputs) for every estimator of the job."""
+        key = (id(base), id(split.inputs))
+        if key not in self._features:
+            self._features[key] = (base, split.inputs, view.split(split).inputs)  # the first two keep the ids alive
+        return Split(self._features[key][2], split.targets)
 
     @staticmethod
     def _head_view(task: Task, base: TrainedModel, est: PlannedComponent) -> HeadView | None:
@@ -254,11 +281,12 @@ class Runner:
         view = task.head_view(base.params)
         return view if view is not None and task.influence_parameters == (view.prefix,) else None
 
-    def _base_record(self, planned: PlannedTask, protocol_plan: PlannedComponent, est: PlannedComponent,
-                     cell_key: str) -> dict[str, Any]:
+    def _base_record(self, planned: PlannedTask, base_model: int, protocol_plan: PlannedComponent,
+                     est: PlannedComponent, cell_key: str) -> dict[str, Any]:
         """A cell's identity and settings, as a failed record until the cell completes it."""
         return {
             "cell_key": cell_key, "suite": self.suite.name, "task": planned.spec.name, "preset": planned.spec.preset,
+            "base_model": base_model, "base_models": planned.spec.base_models,
             "protocol": protocol_plan.name, "estimator": est.name, "status": "failed", "error": None,
             "metrics": {}, "ci": {},
             "config_hash": stable_hash(planned.config, protocol_plan.config, est.config, self.suite.seed),
@@ -272,7 +300,8 @@ class Runner:
     def _run_cell(self, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
                   protocol_plan: PlannedComponent, est: PlannedComponent, truth: GroundTruth | str,
                   fitted: dict[str, Any], cell_key: str, prediction_key: str) -> dict[str, Any]:
-        record = {**self._base_record(planned, protocol_plan, est, cell_key), "task_diagnostics": base.diagnostics}
+        record = {**self._base_record(planned, task.base_model, protocol_plan, est, cell_key),
+                  "task_diagnostics": base.diagnostics}
         if isinstance(truth, str):
             record["error"] = truth
             return record

@@ -162,10 +162,20 @@ class Task(ABC):
     #: Parameters estimators restrict to by default (empty: all), e.g. the fine-tuned top layers.
     influence_parameters: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: Any, *, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, config: Any, *, seed: int, device: torch.device | str = "cpu", base_model: int = 0):
+        """``seed`` decides the data (splits, queries); ``base_model`` picks which independently trained θ̂
+        (0: the one trained from ``seed`` itself; others from seeds derived from it, on the same data)."""
+        if base_model < 0:
+            raise ValueError(f"base_model must be ≥ 0, got {base_model}")
         self.config = config
         self.seed = seed
         self.device = torch.device(device)
+        self.base_model = base_model
+
+    @property
+    def training_seed(self) -> int:
+        """The seed θ̂ is trained from: the task's own seed for base model 0, one derived from it otherwise."""
+        return self.seed if self.base_model == 0 else derive_seed(self.seed, "base model", self.base_model)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for a worker process) without what it caches (underscored: built model, factorisations)."""
@@ -190,7 +200,7 @@ class Task(ABC):
 
     @abstractmethod
     def train(self, data: TaskData, seed: int | None = None) -> TrainedModel:
-        """Train on the whole training set (``seed`` None: the task's own seed, giving θ̂)."""
+        """Train on the whole training set (``seed`` None: :attr:`training_seed`, giving θ̂)."""
 
     @abstractmethod
     def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
@@ -198,8 +208,8 @@ class Task(ABC):
         """Retrain once per entry of ``removals`` (training indices to drop; may be empty: a control run)."""
 
     def replicate_seed(self, replicate: int) -> int:
-        """Training seed of ground-truth replicate ``replicate`` (0: the task's own seed, i.e. θ̂)."""
-        return self.seed if replicate == 0 else derive_seed(self.seed, "replicate", replicate)
+        """Training seed of ground-truth replicate ``replicate`` (0: θ̂'s own, :attr:`training_seed`)."""
+        return self.training_seed if replicate == 0 else derive_seed(self.training_seed, "replicate", replicate)
 
     def warm_order_seed(self, spec: RetrainSpec) -> int:
         """Batch-order seed of a warm retrain: from the replicate's seed, so the suite's ``--seed`` reaches it."""

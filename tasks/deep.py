@@ -58,7 +58,7 @@ class SgdTask(Task):
         return params
 
     def train(self, data: TaskData, seed: int | None = None) -> TrainedModel:
-        seed = self.seed if seed is None else seed
+        seed = self.training_seed if seed is None else seed
         params, checkpoints = run_sgd(self.build_model(), self.trainable(self.initial_params(seed)), data.train,
                                       self.loss, self.recipe, seed=derive_seed(seed, "order"))
         model = self.build_model()

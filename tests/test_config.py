@@ -63,3 +63,39 @@ def test_every_builtin_suite_plans_with_valid_options(name):
     assert plan.tasks and plan.protocols and plan.estimators
     planned = {p.name for p in plan.protocols}
     assert all(set(t.spec.protocols) <= planned for t in plan.tasks)
+
+
+def test_a_task_overrides_a_protocols_options_for_itself_only():
+    import tomllib
+
+    from bench.catalog import default_registries
+    from bench.planning import plan_suite
+
+    text = """
+        [[tasks]]
+        name = "mnist-logreg"
+        [[tasks]]
+        name = "mnist-resnet"
+        [tasks.protocol_options.lds]
+        n_subsets = 12
+        [[protocols]]
+        name = "lds"
+        n_subsets = 30
+        alpha = 0.4
+        [[protocols]]
+        name = "loo"
+    """
+    registries = default_registries(entry_points=False)
+    plan = plan_suite(parse_suite(tomllib.loads(text.replace("\n        ", "\n"))), registries)
+    lds = {t.spec.name: next(p for p in t.protocols if p.name == "lds").config for t in plan.tasks}
+    assert (lds["mnist-logreg"].n_subsets, lds["mnist-logreg"].alpha) == (30, 0.4)
+    assert (lds["mnist-resnet"].n_subsets, lds["mnist-resnet"].alpha) == (12, 0.4)  # its own size, the suite's α
+    assert [p.name for p in plan.tasks[0].protocols] == ["lds", "loo"]
+    with pytest.raises(ConfigError, match="unknown option 'subsets' for task mnist-resnet: protocol lds"):
+        plan_suite(parse_suite(tomllib.loads(text.replace("n_subsets = 12", "subsets = 12").replace("\n        ", "\n"))),
+                   registries)
+    with pytest.raises(ConfigError, match="names protocol 'group', which the suite does not run"):
+        plan_suite(parse_suite(tomllib.loads(text.replace("protocol_options.lds", "protocol_options.group")
+                                             .replace("\n        ", "\n"))), registries)
+    narrowed = with_overrides(parse_suite(tomllib.loads(text.replace("\n        ", "\n"))), protocols=["loo"])
+    assert [p.name for t in plan_suite(narrowed, registries).tasks for p in t.protocols] == ["loo", "loo"]

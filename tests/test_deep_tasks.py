@@ -306,13 +306,14 @@ def test_bert_offers_cls_features_and_fastif_leaves_the_head_view_for_them(tmp_p
 
 def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
     """Every protocol the ``full`` suite lists for SST-2 runs on files in the real format (tiny BERT). CIFAR-10's
-    ResNet-18 costs ~5 minutes even on 48 images here, so its list is checked to be one the default suite runs
-    on mnist-resnet, the same ResNetTask code."""
+    ResNet-18 costs ~5 minutes even on 48 images here, so its list is checked to be one the default and smoke
+    suites run on mnist-resnet, the same ResNetTask code."""
     from bench.config import load_suite
 
     lists = {t.name: list(t.protocols) for t in load_suite("full").tasks}
-    default = {t.name: set(t.protocols) for t in load_suite("default").tasks}
-    assert set(lists["cifar10-resnet"]) <= default["mnist-resnet"]
+    on_mnist_resnet = {p for name in ("default", "smoke") for t in load_suite(name).tasks if t.name == "mnist-resnet"
+                       for p in t.protocols}
+    assert set(lists["cifar10-resnet"]) <= on_mnist_resnet
     model_dir = write_sst2_and_tiny_bert(tmp_path)
     tiny_protocols = {
         "loo-warm": "n_removed = 2", "loo-scratch": "n_removed = 2", "lds": "n_subsets = 3",

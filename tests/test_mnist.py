@@ -89,3 +89,22 @@ def test_published_leaderboard_has_every_estimator_on_every_cell_of_the_default_
                 assert record["profile"]["fit_s"] >= 0 and record["profile"]["score_s"] >= 0
             # not applicable exactly where the estimator lacks what the protocol needs, or says so itself
             assert (record["status"] == "ok") == applicable or record.get("reason") == "estimator", (task, protocol, name)
+
+
+def test_published_deep_cells_pool_three_base_models_under_their_ceiling():
+    """Issue #10: every deep cell is repeated on ≥ 3 base models, and every ranked pooled value lies at or below
+    its pooled noise ceiling's upper bound."""
+    from bench.pooling import pool_base_models
+
+    records = _published_records()
+    deep = {}
+    for r in records:
+        if r["task"] != "mnist-logreg":
+            deep.setdefault((r["task"], r["protocol"], r["estimator"]), set()).add(r["base_model"])
+    assert deep and all(len(bases) >= 3 for bases in deep.values())
+    ranked = [r for r in pool_base_models(records) if r["status"] == "ok" and r.get("informative", True)
+              and (r.get("groundtruth_diagnostics") or {}).get(f"ceiling_{r['headline']}_ci")]
+    assert any(r["task"] != "mnist-logreg" for r in ranked)
+    for r in ranked:
+        upper = r["groundtruth_diagnostics"][f"ceiling_{r['headline']}_ci"][1]
+        assert r["metrics"][r["headline"]] <= upper, (r["task"], r["protocol"], r["estimator"])
