@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--results", type=Path, default=Path("results") / "profile",
                       help="folder for profile.json (and its leaderboard section; default: results/profile)")
     prof.add_argument("--estimators", nargs="+", default=["all"], help="estimators to sweep (default: all)")
-    prof.add_argument("--axes", nargs="+", default=["n", "P"], help="n (training points) and/or P (parameters)")
+    prof.add_argument("--axes", nargs="+", default=["n", "Q", "P"],
+                      help="n (training points), Q (queries) and/or P (parameters) (default: all three)")
     prof.add_argument("--repeats", type=int, help="repeats per point; the median is kept (default: 3)")
     prof.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     prof.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE")
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-estimator", help="conformance check of an estimator on a tiny exact problem")
     check.add_argument("name")
     check.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE")
+    check.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -222,8 +224,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     names = registry.names() if "all" in args.estimators else _names(args.estimators) or []
     registry.check(names)
     axes = _names(args.axes) or []
-    if not axes or set(axes) - {"n", "P"}:
-        raise ConfigError(f"--axes must name n and/or P, got {' '.join(axes)}")
+    if not axes or set(axes) - set(scaling.AXES):
+        raise ConfigError(f"--axes must name some of {', '.join(scaling.AXES)}, got {' '.join(axes)}")
     config = scaling.SweepConfig()
     if args.repeats is not None:
         if args.repeats < 1:
@@ -231,7 +233,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, repeats=args.repeats)
     check_writable(args.results)
     torch.set_num_threads(args.threads)
-    points = scaling.sweep([(name, registry.get(name)) for name in names], axes, config, progress=not args.no_progress)
+    done = scaling.resumable(args.results, config, args.threads)  # an interrupted sweep goes on where it stopped
+    if done:
+        print(f"ifbench: resuming the sweep in {args.results} ({len(done)} point(s) already measured)", file=sys.stderr)
+    points = scaling.sweep([(name, registry.get(name)) for name in names], axes, config, progress=not args.no_progress,
+                           done=done, on_point=lambda so_far: scaling.save(so_far, config, args.results),
+                           plugins=args.plugin)
     path = scaling.save(points, config, args.results)
     board = write_leaderboard(args.results, args.results / "leaderboard.md")
     print(f"ifbench: wrote {path} and {board}", file=sys.stderr)
@@ -239,11 +246,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from bench.catalog import default_registries
-    from bench.conformance import check_estimator
+    from bench.conformance import STEPS, check_estimator
 
     cls = default_registries(args.plugin).estimators.get(args.name)
-    checks = check_estimator(cls)
+    with tqdm(total=len(STEPS), desc=f"check {args.name}", unit="step", leave=False, disable=args.no_progress) as bar:
+        def step(name: str) -> None:
+            bar.update(STEPS.index(name) - bar.n)
+            bar.set_postfix_str(name)
+
+        checks = check_estimator(cls, step=step)
     for check in checks:
         print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     passed = all(c.passed for c in checks)

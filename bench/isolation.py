@@ -28,10 +28,12 @@ POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class CellLimits:
-    """Per-cell wall-time limit (seconds) and cap on the worker's resident memory (MB; 0: none)."""
+    """Per-cell wall-time limit (seconds) and cap on the worker's resident memory (MB; 0: none); the limit's
+    option name, for the message that a cell exceeded it."""
 
     timeout_s: float
     memory_mb: float = 0.0
+    timeout_option: str = "cell_timeout_s"
 
 
 def _die_with_parent() -> None:
@@ -107,7 +109,7 @@ def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tupl
                 yield ("died", in_flight, _death(worker.exitcode))
                 return
             if deadline is not None and time.monotonic() > deadline:
-                yield ("died", in_flight, f"exceeded the cell time limit (cell_timeout_s = {limits.timeout_s:g} s)")
+                yield ("died", in_flight, f"exceeded the time limit ({limits.timeout_option} = {limits.timeout_s:g} s)")
                 return
             rss = current_rss_mb(worker.pid) if limits.memory_mb else None
             if rss is not None and rss > limits.memory_mb:

@@ -344,7 +344,8 @@ def render_quality_and_cost(groups: dict[Key, list[dict[str, Any]]], figure: str
         "## Quality versus cost",
         "",
         "Per task: the estimator's mean score / ceiling over that task's aggregated columns (as in the overview) and "
-        "what it cost there, its fit (once) plus all its scoring, in seconds. An estimator is on the *Pareto front* "
+        "what it cost there, its fit (once) plus all its scoring, in seconds (per base model where a task has several). "
+        "An estimator is on the *Pareto front* "
         "(★) when no other is both better and cheaper on that task.",
         "",
         "| estimator | " + " | ".join(f"{task}: score / ceiling · s" for task in tasks) + " |",

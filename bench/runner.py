@@ -106,7 +106,7 @@ class Runner:
             log.info("%s: all %d cells already finished", label, len(cells))
             return
         data = data_of(task)
-        base = self._base_model(task, data, task_key)
+        base = self._trained_base(task, data, task_key)
         truths: dict[str, GroundTruth | str] = {}
         for protocol_plan in protocols:
             if any(q.name == protocol_plan.name for q, _ in pending):
@@ -187,7 +187,8 @@ class Runner:
     def _protocol_key_parts(self, protocol: PlannedComponent) -> tuple:
         return (protocol.name, protocol.cls.version, protocol.config, derive_seed(self.suite.seed, "protocol", protocol.name))
 
-    def _base_model(self, task: Task, data: TaskData, task_key: str) -> TrainedModel:
+    def _trained_base(self, task: Task, data: TaskData, task_key: str) -> TrainedModel:
+        """θ̂ of the task's base model: from the cache, else trained (and cached)."""
         cached = load_or_none(self.cache.load_model, task_key)
         if cached is not None:
             return self._unpack(cached, task)

@@ -1,8 +1,12 @@
-"""``ifbench profile``: how an estimator's cost grows with the training-set size n and the parameter count P.
+"""``ifbench profile``: how an estimator's cost grows with the training-set size n, the queries Q and the
+parameter count P.
 
-Two sweeps, each point measured ``repeats`` times (fresh estimator, fit then score every training point for
-the queries) and reported by its median: n on mnist-logreg (P = 7,850 fixed) and P on mnist-resnet's whole
-network at widths ×1, ×2, ×4 (n fixed; estimators with a ``parameters`` option are given every parameter).
+Three sweeps, each point measured ``repeats`` times (fresh estimator, fit then score every training point for
+the queries) and reported by its median: n and Q on mnist-logreg (P = 7,850 fixed) and P on mnist-resnet's
+whole network at several widths (n fixed; estimators with a ``parameters`` option are given every parameter).
+Each sweep point runs its estimators in a spawned worker (:mod:`bench.isolation`): one past
+``point_timeout_s`` is stopped and noted, and ends its sweep along that axis, as does a point slower than
+``point_budget_s`` (larger points would be slower still). Points are saved as they finish, and a re-run resumes.
 Per estimator and axis a log–log line ``time ∝ xᵃ`` is fitted (scipy's ``linregress``; 95% interval from
 its standard error and Student's t), and the line is followed to named reference scales, marked
 *extrapolated*. Memory is the estimator's own increment over the resident size before its fit.
@@ -13,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from tasks.logreg import MnistLogReg
 from tasks.resnet import MnistResNet
 
 PROFILE_FILE = "profile.json"
+AXES = ("n", "Q", "P")
 #: Named scales the fitted lines are followed to: (axis, name, value).
 REFERENCE_SCALES = (("n", "CIFAR-10 (n = 50,000)", 50_000), ("n", "SST-2 (n = 67,349)", 67_349),
                     ("P", "ResNet-18 (P ≈ 11.2 M)", 11.2e6), ("P", "BERT-base (P ≈ 110 M)", 110e6))
@@ -39,21 +45,31 @@ MEMORY_LIMITS_MB = (("24 GiB", 24 * 1024), ("80 GiB", 80 * 1024))
 @dataclass(frozen=True)
 class SweepConfig:
     """The default sweep fits in about 20 minutes on 2 CPU cores. Repeats stop once a point has taken
-    ``point_budget_s`` (at least one runs), and a point slower than that ends the estimator's sweep along
-    the axis (larger points would be slower still)."""
+    ``point_budget_s`` (at least one runs); a point slower than that, or stopped at ``point_timeout_s``, ends
+    the estimator's sweep along the axis."""
 
     n_train: tuple[int, ...] = (250, 500, 1000, 2000)
+    n_queries: tuple[int, ...] = (10, 20, 40, 80)
+    n_train_for_queries: int = 500
     widths: tuple[int, ...] = (2, 4, 8)
     n_train_for_widths: int = 400
-    n_queries: int = 20
+    queries: int = 20  # on the n and P axes
     repeats: int = 3
     point_budget_s: float = 30.0
+    point_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if min(self.repeats, self.queries, *self.n_train, *self.n_queries, *self.widths) < 1:
+            raise ValueError(f"sweep sizes and repeats must be ≥ 1: {self}")
+        if not 0 < self.point_budget_s <= self.point_timeout_s:
+            raise ValueError(f"need 0 < point_budget_s ≤ point_timeout_s, got {self.point_budget_s}, "
+                             f"{self.point_timeout_s}")
 
 
 @dataclass(frozen=True)
 class Point:
     estimator: str
-    axis: str  # "n" or "P"
+    axis: str  # "n", "Q" or "P"
     n_train: int
     n_parameters: int
     fit_s: float | None = None
@@ -61,20 +77,34 @@ class Point:
     own_mb: float | None = None
     note: str = ""
     repeats: int = 0
+    n_queries: int = 0
+    width: int = 0
 
     @property
     def seconds(self) -> float | None:
         return None if self.fit_s is None else self.fit_s + (self.score_s or 0.0)
 
+    @property
+    def where(self) -> tuple[str, str, int, int, int]:
+        """The sweep point it measures (which estimator at which sizes)."""
+        return (self.estimator, self.axis, self.n_train, self.n_queries, self.width)
 
-def _sweep_tasks(axis: str, config: SweepConfig, seed: int) -> list[Any]:
-    if axis == "n":
+    def x(self) -> int:
+        """Its coordinate on its axis (on P: the parameters the estimator used)."""
+        return {"n": self.n_train, "Q": self.n_queries}.get(self.axis, self.n_parameters)
+
+
+def _sweep_tasks(axis: str, config: SweepConfig, seed: int) -> list[tuple[Any, int]]:
+    """The tasks along an axis, smallest first, each with its width (0 off the P axis)."""
+    if axis in ("n", "Q"):
         base = MnistLogReg.presets["default"]
-        return [MnistLogReg(dataclasses.replace(base, n_train=n, n_test=500, n_queries=config.n_queries), seed=seed)
-                for n in config.n_train]
+        sizes = ([(n, config.queries) for n in config.n_train] if axis == "n"
+                 else [(config.n_train_for_queries, q) for q in config.n_queries])
+        return [(MnistLogReg(dataclasses.replace(base, n_train=n, n_test=500, n_queries=q), seed=seed), 0)
+                for n, q in sizes]
     base = MnistResNet.presets["smoke"]
-    return [MnistResNet(dataclasses.replace(base, n_train=config.n_train_for_widths, n_test=200,
-                                            n_queries=config.n_queries, width=width), seed=seed)
+    return [(MnistResNet(dataclasses.replace(base, n_train=config.n_train_for_widths, n_test=200,
+                                             n_queries=config.queries, width=width), seed=seed), width)
             for width in config.widths]
 
 
@@ -87,33 +117,108 @@ def _options(cls: type, task: Any, axis: str) -> Any:
     return config
 
 
+@dataclass(frozen=True)
+class PointJob:
+    """One sweep point's estimators, measured one after another (in-process or, pickled, in a worker)."""
+
+    task: Any
+    data: Any
+    base: Any
+    estimators: tuple[tuple[str, type], ...]
+    axis: str
+    width: int
+    config: SweepConfig
+    seed: int
+    threads: int
+
+    def messages(self) -> Iterator[tuple]:
+        torch.set_num_threads(self.threads)
+        ctx = fit_context(self.task, self.data, self.base, self.seed)
+        train_idx = torch.arange(len(self.data.train), device=self.task.device)
+        for name, cls in self.estimators:
+            yield ("start", (self.axis, name))
+            point = _measure(name, cls, _options(cls, self.task, self.axis), ctx, self.data.queries, train_idx,
+                             self.axis, _total(self.base), self.config)
+            yield ("record", (self.axis, name), dataclasses.replace(point, width=self.width))
+
+
+def _total(base: Any) -> int:
+    return sum(p.numel() for p in base.params.values())
+
+
 def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: SweepConfig, *, seed: int = 0,
-          progress: bool = True) -> list[Point]:
-    """Measure every (estimator, axis, point); a point that fails or does not apply is kept with its note."""
-    points: list[Point] = []
+          progress: bool = True, done: Sequence[Point] = (), on_point: Callable[[list[Point]], None] | None = None,
+          isolate: bool = True, plugins: Sequence[str] = ()) -> list[Point]:
+    """Measure every (estimator, axis, point) not in ``done``; a point that fails, does not apply or is stopped
+    is kept with its note. ``on_point(points)`` sees the list after every new point (to save it)."""
+    from bench.isolation import CellLimits, relay
+
+    points = list(done)
+    measured = {p.where for p in points}
+
+    def keep(point: Point) -> None:
+        points.append(point)
+        measured.add(point.where)
+        if on_point is not None:
+            on_point(points)
+
     for axis in axes:
-        over_budget: set[str] = set()
-        for task in tqdm(_sweep_tasks(axis, config, seed), desc=f"profile {axis}", disable=not progress, leave=False):
+        tasks = _sweep_tasks(axis, config, seed)
+        bar = tqdm(total=len(tasks) * len(estimators), desc=f"profile {axis}", disable=not progress, leave=False)
+        for task, width in tasks:
+            n_train, n_queries = task.config.n_train, task.config.n_queries
+            todo = []
+            for name, cls in estimators:
+                where = (name, axis, n_train, n_queries, width)
+                if where in measured:
+                    continue
+                stopped = _stopped_below(points, name, axis, config)
+                if SINGLE not in cls.capabilities or stopped:
+                    keep(Point(name, axis, n_train, 0, note=stopped or "no single scores", n_queries=n_queries,
+                               width=width))
+                else:
+                    todo.append((name, cls))
+            bar.update(len(estimators) - len(todo))
+            if not todo:
+                continue
             data = task.load_data()
             base = task.train(data)
-            ctx = fit_context(task, data, base, seed)
-            train_idx = torch.arange(len(data.train), device=task.device)
-            total = sum(p.numel() for p in base.params.values())
-            for name, cls in estimators:
-                if SINGLE not in cls.capabilities or name in over_budget:
-                    note = "over the point budget at a smaller size" if name in over_budget else "no single scores"
-                    points.append(Point(name, axis, len(data.train), total, note=note))
-                    continue
-                points.append(_measure(name, cls, _options(cls, task, axis), ctx, data.queries, train_idx, axis,
-                                       total, config))
-                if (points[-1].seconds or 0.0) > config.point_budget_s:
-                    over_budget.add(name)
+            while todo:  # a worker stopped on one estimator goes on with the rest in a fresh one
+                job = PointJob(task, data, base, tuple(todo), axis, width, config, seed, torch.get_num_threads())
+                limits = CellLimits(config.point_timeout_s, timeout_option="point_timeout_s")
+                messages = relay(job, plugins, limits) if isolate else job.messages()
+                for message in messages:
+                    if message[0] == "start":
+                        bar.set_postfix_str(f"{message[1][1]} at n={n_train} Q={n_queries} width={width or '–'}")
+                    elif message[0] == "record":
+                        keep(message[2])
+                        todo = [item for item in todo if item[0] != message[1][1]]
+                        bar.update(1)
+                    elif message[0] == "died":
+                        name = message[1][1] if message[1] else todo[0][0]
+                        keep(Point(name, axis, n_train, _total(base), note=f"stopped: {message[2]}",
+                                   n_queries=n_queries, width=width))
+                        todo = [item for item in todo if item[0] != name]
+                        bar.update(1)
+        bar.close()
     return points
+
+
+def _stopped_below(points: Sequence[Point], name: str, axis: str, config: SweepConfig) -> str:
+    """Why the estimator's sweep along ``axis`` ended at a smaller point ("" if it goes on)."""
+    for point in points:
+        if point.estimator == name and point.axis == axis:
+            if point.note.startswith("stopped") or point.note.startswith("over the"):
+                return "over the point budget or time limit at a smaller size"
+            if (point.seconds or 0.0) > config.point_budget_s:
+                return "over the point budget at a smaller size"
+    return ""
 
 
 def _measure(name: str, cls: type, options: Any, ctx: Any, queries: Any, train_idx: torch.Tensor, axis: str,
              total: int, config: SweepConfig) -> Point:
     fits, scores, memory, size = [], [], [], total
+    where = {"n_queries": len(queries)}
     for _ in range(config.repeats):
         if sum(fits) + sum(scores) > config.point_budget_s:
             break
@@ -124,9 +229,9 @@ def _measure(name: str, cls: type, options: Any, ctx: Any, queries: Any, train_i
             with profiled(ctx.device) as score:
                 estimator.score(queries, train_idx)
         except NotApplicable as err:
-            return Point(name, axis, len(ctx.train), total, note=f"not applicable: {err}")
+            return Point(name, axis, len(ctx.train), total, note=f"not applicable: {err}", **where)
         except Exception as err:  # recorded, the sweep goes on
-            return Point(name, axis, len(ctx.train), total, note=f"failed: {type(err).__name__}: {err}"[:200])
+            return Point(name, axis, len(ctx.train), total, note=f"failed: {type(err).__name__}: {err}"[:200], **where)
         fits.append(fit.seconds)
         scores.append(score.seconds)
         if fit.baseline_rss_mb is not None:
@@ -134,7 +239,7 @@ def _measure(name: str, cls: type, options: Any, ctx: Any, queries: Any, train_i
         size = int(estimator.diagnostics().get("n_parameters", total))
         del estimator
     return Point(name, axis, len(ctx.train), size, statistics.median(fits), statistics.median(scores),
-                 statistics.median(memory) if memory else None, repeats=len(fits))
+                 statistics.median(memory) if memory else None, repeats=len(fits), **where)
 
 
 @dataclass(frozen=True)
@@ -165,9 +270,9 @@ def fits(points: Sequence[Point]) -> dict[tuple[str, str, str], Slope]:
     """``(estimator, axis, "time" | "memory")`` → slope; the x of axis P is the parameters the estimator used."""
     out = {}
     for estimator in dict.fromkeys(p.estimator for p in points):
-        for axis in ("n", "P"):
+        for axis in AXES:
             mine = [p for p in points if p.estimator == estimator and p.axis == axis and p.seconds is not None]
-            xs = [p.n_train if axis == "n" else p.n_parameters for p in mine]
+            xs = [p.x() for p in mine]
             for kind, ys in (("time", [p.seconds for p in mine]), ("memory", [p.own_mb for p in mine])):
                 slope = fit_slope(xs, ys)
                 if slope is not None:
@@ -176,11 +281,14 @@ def fits(points: Sequence[Point]) -> dict[tuple[str, str, str], Slope]:
 
 
 def save(points: Sequence[Point], config: SweepConfig, folder: Path) -> Path:
+    """Write ``profile.json`` whole or not at all (a temporary file renamed over it)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PROFILE_FILE
     payload = {"config": dataclasses.asdict(config), "threads": torch.get_num_threads(),
                "points": [dataclasses.asdict(p) for p in points]}
-    path.write_text(json.dumps(payload, indent=1))
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=1))
+    os.replace(partial, path)
     return path
 
 
@@ -190,6 +298,19 @@ def load(folder: Path) -> tuple[list[Point], dict[str, Any]] | None:
         return None
     payload = json.loads(path.read_text())
     return [Point(**p) for p in payload["points"]], payload
+
+
+def resumable(folder: Path, config: SweepConfig, threads: int) -> list[Point]:
+    """The points a previous sweep into ``folder`` measured with the same config and threads (else none)."""
+    try:
+        loaded = load(folder)
+    except (OSError, ValueError, TypeError, KeyError):
+        return []  # unreadable: measured again
+    if loaded is None:
+        return []
+    points, payload = loaded
+    same = payload.get("config") == json.loads(json.dumps(dataclasses.asdict(config))) and payload.get("threads") == threads
+    return points if same else []
 
 
 def _fmt_seconds(value: float) -> str:
@@ -202,20 +323,26 @@ def _fmt_seconds(value: float) -> str:
 def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[str] = ()) -> list[str]:
     """The leaderboard's scaling section: measured points, fitted exponents, extrapolations."""
     config, slopes = payload["config"], fits(points)
+    queries = config.get("n_queries")
+    q_axis = (f"; as Q grows on mnist-logreg (Q = {', '.join(map(str, queries))} queries, "
+              f"n = {config['n_train_for_queries']})") if queries else ""
     lines = [
         "## Scaling profile",
         "",
         f"`ifbench profile` on {payload.get('threads', '?')} threads: fit + score time (the queries against every "
         f"training point; median of up to {config['repeats']} repeats, fewer once a point has taken "
         f"{config['point_budget_s']:g} s) and the estimator's own memory, as n grows on "
-        f"mnist-logreg (n = {', '.join(map(str, config['n_train']))}; P = 7,850) and as P grows on mnist-resnet's "
-        f"whole network (widths {', '.join(map(str, config['widths']))}, n = {config['n_train_for_widths']}). "
-        "Exponents are log–log least-squares slopes with 95% intervals (time ∝ nᵃ, ∝ Pᵇ); the extrapolations "
-        "follow those lines far outside the measured range, so read them as orders of magnitude.",
+        f"mnist-logreg (n = {', '.join(map(str, config['n_train']))}; P = 7,850){q_axis}; and as P grows on "
+        f"mnist-resnet's whole network (widths {', '.join(map(str, config['widths']))}, "
+        f"n = {config['n_train_for_widths']}). Each point ran in a worker process"
+        + (f" stopped after {config['point_timeout_s']:g} s" if "point_timeout_s" in config else "")
+        + "; a point over the budget or stopped ends that estimator's sweep along the axis. "
+        "Exponents are log–log least-squares slopes with 95% intervals (time ∝ nᵃ, ∝ Qᵇ, ∝ Pᶜ; memory ∝ nᵈ, ∝ Pᵉ); "
+        "the extrapolations follow those lines far outside the measured range, so read them as orders of magnitude.",
         "",
-        "| estimator | time ∝ nᵃ: a | time ∝ Pᵇ: b | memory ∝ Pᶜ: c | "
+        "| estimator | time ∝ nᵃ: a | time ∝ Qᵇ: b | time ∝ Pᶜ: c | memory ∝ nᵈ: d | memory ∝ Pᵉ: e | "
         + " | ".join(f"{name}, *extrapolated*" for _, name, _ in REFERENCE_SCALES) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(REFERENCE_SCALES),
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(REFERENCE_SCALES),
     ]
     for estimator in dict.fromkeys(p.estimator for p in points):
         def shown(axis: str, kind: str, est: str = estimator) -> str:
@@ -234,26 +361,32 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
                 over = [label for label, limit in MEMORY_LIMITS_MB if needed > limit]
                 text += f", {needed / 1024:.3g} GiB" + (f" (does not fit in {over[-1]})" if over else "")
             cells.append(text)
-        lines.append(f"| `{estimator}` | {shown('n', 'time')} | {shown('P', 'time')} | {shown('P', 'memory')} | "
-                     + " | ".join(cells) + " |")
-    notes = sorted({f"`{p.estimator}` on {p.axis} at n = {p.n_train}, P = {p.n_parameters:,}: {p.note}"
+        lines.append(f"| `{estimator}` | {shown('n', 'time')} | {shown('Q', 'time')} | {shown('P', 'time')} | "
+                     f"{shown('n', 'memory')} | {shown('P', 'memory')} | " + " | ".join(cells) + " |")
+    notes = sorted({f"`{p.estimator}` on {p.axis} at {_at(p)}: {p.note}"
                     for p in points if p.note and p.note != "no single scores"})
     if notes:
         lines += ["", "Points not measured: " + "; ".join(notes) + "."]
-    lines += ["", "| estimator | axis | n | P | repeats | fit s | score s | own MB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| estimator | axis | n | Q | P | repeats | fit s | score s | own MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         if p.seconds is not None:
-            lines.append(f"| `{p.estimator}` | {p.axis} | {p.n_train} | {p.n_parameters:,} | {p.repeats} | "
-                         f"{p.fit_s:.3g} | {p.score_s:.3g} | {'–' if p.own_mb is None else f'{p.own_mb:.0f}'} |")
+            lines.append(f"| `{p.estimator}` | {p.axis} | {p.n_train} | {p.n_queries or '–'} | {p.n_parameters:,} | "
+                         f"{p.repeats} | {p.fit_s:.3g} | {p.score_s:.3g} | "
+                         f"{'–' if p.own_mb is None else f'{p.own_mb:.0f}'} |")
     lines.append("")
     if figures:
         lines += [*(f"![scaling profile]({figure})" for figure in figures), ""]
     return lines
 
 
+def _at(point: Point) -> str:
+    """Where a point sits: ``n = 500, Q = 20`` or ``width 4``."""
+    return f"width {point.width}" if point.axis == "P" else f"n = {point.n_train}, Q = {point.n_queries}"
+
+
 def figure(points: Sequence[Point], folder: Path) -> list[Path]:
-    """Time against n and against P, log–log, a line per estimator (seaborn)."""
+    """Time (top) and own memory (bottom) against n, Q and P, log–log, a line per estimator (seaborn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,18 +397,27 @@ def figure(points: Sequence[Point], folder: Path) -> list[Path]:
     if not measured:
         return []
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    for ax, axis, label in ((axes[0], "n", "training points n"), (axes[1], "P", "parameters P")):
+    shown_axes = [(axis, label) for axis, label in (("n", "training points n"), ("Q", "queries Q"), ("P", "parameters P"))
+                  if any(p.axis == axis for p in measured)]
+    names = list(dict.fromkeys(p.estimator for p in measured))
+    palette = dict(zip(names, sns.color_palette("husl", len(names)), strict=True))  # one colour per estimator
+    fig, axes = plt.subplots(2, len(shown_axes), figsize=(5.2 * len(shown_axes), 8.4), squeeze=False)
+    for column, (axis, label) in enumerate(shown_axes):
         mine = [p for p in measured if p.axis == axis]
-        if mine:
-            sns.lineplot(x=[p.n_train if axis == "n" else p.n_parameters for p in mine], y=[p.seconds for p in mine],
-                         hue=[p.estimator for p in mine], marker="o", ax=ax, legend=axis == "P")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"{label} (log)")
-        ax.set_ylabel("fit + score seconds (log)")
-    if axes[1].get_legend() is not None:
-        axes[1].legend(fontsize=7, ncol=2)
+        for row, (ylabel, value) in enumerate((("fit + score seconds", lambda p: p.seconds),
+                                               ("own memory MB", lambda p: p.own_mb))):
+            ax = axes[row][column]
+            shown = [p for p in mine if value(p)]  # log axes: zero memory increments are left out
+            if shown:
+                sns.lineplot(x=[p.x() for p in shown], y=[value(p) for p in shown], hue=[p.estimator for p in shown],
+                             palette=palette, marker="o", ax=ax, legend=(row, column) == (0, len(shown_axes) - 1))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{label} (log)")
+            ax.set_ylabel(f"{ylabel} (log)")
+    legend = axes[0][-1].get_legend()
+    if legend is not None:
+        axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "scaling.png"

@@ -81,6 +81,37 @@ def top_eigenvalue(matvec: MatVec, dim: int, *, like: Tensor, iterations: int = 
     return value
 
 
+def arnoldi_eigenpairs(matvec: MatVec, dim: int, *, like: Tensor, iterations: int, rank: int,
+                       seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest eigenpairs of a symmetric operator from ``iterations`` Arnoldi steps (Schioppa et al.
+    2022): an orthonormal Krylov basis Q ``[k, dim]`` from a seeded random start (Gram–Schmidt applied twice per
+    step), the small matrix T = Q H Qᵀ ``[k, k]`` and its eigendecomposition T = U Λ Uᵀ. Returns eigenvalues
+    ``[r]`` (descending) and eigenvectors ``[r, dim]`` (orthonormal rows Uᵀ Q), r = min(rank, k). The iteration
+    stops early when the Krylov space is invariant (then the pairs are exact up to rounding)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.randn(dim, generator=generator, dtype=like.dtype).to(like.device)
+    basis = [start / start.norm()]
+    projected = torch.zeros(iterations + 1, iterations, dtype=like.dtype)
+    for j in range(iterations):
+        image = matvec(basis[j][None])[0]
+        scale = float(image.norm())
+        for _ in range(2):  # twice is enough (Giraud et al.) to keep Q orthonormal in floating point
+            for i, vector in enumerate(basis):
+                overlap = vector @ image
+                projected[i, j] += float(overlap)
+                image = image - overlap * vector
+        norm = float(image.norm())
+        projected[j + 1, j] = norm
+        if j + 1 == iterations or norm <= 1e-10 * max(scale, torch.finfo(like.dtype).tiny):
+            break
+        basis.append(image / norm)
+    k = len(basis)
+    small = projected[:k, :k]
+    values, vectors = torch.linalg.eigh((small + small.T) / 2)
+    top = torch.argsort(values, descending=True)[: min(rank, k)]
+    return values[top].to(like.device), vectors[:, top].T.to(like.device) @ torch.stack(basis)
+
+
 def lissa(
     batch_matvec: Callable[[Tensor, int], Tensor],
     v: Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from tasks.datasets import DatasetNotFoundError
 from tasks.deep import SgdTask
 from tasks.sgd import SgdRecipe
 from tasks.splits import fixed_splits, seeded_splits
-from tasks.text_data import load_rt_snippets, minilm_path
+from tasks.text_data import as_dataset, load_rt_snippets, minilm_path, tokenised
 
 
 @cache
@@ -76,15 +76,14 @@ class BertTop(nn.Module):
 
 
 @torch.no_grad()
-def frozen_features(tokenizer: object, model: nn.Module, texts: list[str], max_length: int, trainable_layers: int,
-                    batch_size: int = 256) -> Tensor:
-    """Hidden states entering the first trainable layer, with the mask packed last: ``[n, T, H+1]``."""
+def frozen_features(model: nn.Module, encoded: Any, trainable_layers: int, batch_size: int = 256) -> Tensor:
+    """Hidden states entering the first trainable layer, with the mask packed last: ``[n, T, H+1]``, from a
+    tokenised dataset (:func:`tasks.text_data.tokenised`)."""
     bert = model.bert
     n_frozen = len(bert.encoder.layer) - trainable_layers
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start : start + batch_size], padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="pt")
+    for start in range(0, len(encoded), batch_size):
+        enc = encoded[start : start + batch_size]
         hidden = bert(**enc, output_hidden_states=True).hidden_states[n_frozen]
         chunks.append(torch.cat([hidden, enc["attention_mask"][..., None].to(hidden.dtype)], dim=-1))
     return torch.cat(chunks)
@@ -117,7 +116,8 @@ class BertTask(SgdTask):
         """A local folder or a Hugging Face hub name."""
         raise NotImplementedError
 
-    def texts_and_labels(self) -> tuple[list[str], np.ndarray]:
+    def dataset(self) -> Any:
+        """The corpus as a ``datasets.Dataset`` with columns ``text`` and ``label``."""
         raise NotImplementedError
 
     def make_model(self) -> nn.Module:
@@ -134,18 +134,19 @@ class BertTask(SgdTask):
         return head_view_of(self.build_model(), params, "classifier")
 
     def load_data(self) -> TaskData:
-        texts, labels = self.texts_and_labels()
+        corpus = self.dataset()
         cfg = self.config
-        if cfg.n_train + cfg.n_test > len(labels):
-            raise ValueError(f"{self.name}: n_train + n_test = {cfg.n_train + cfg.n_test} exceeds {len(labels)} sentences")
-        chosen = rng(self.seed, self.name, "subset").permutation(len(labels))[: cfg.n_train + cfg.n_test]
-        return self.encode([texts[i] for i in chosen], labels[chosen], cfg.n_train, cfg.n_test)
+        if cfg.n_train + cfg.n_test > len(corpus):
+            raise ValueError(f"{self.name}: n_train + n_test = {cfg.n_train + cfg.n_test} exceeds {len(corpus)} sentences")
+        chosen = rng(self.seed, self.name, "subset").permutation(len(corpus))[: cfg.n_train + cfg.n_test]
+        return self.encode(corpus.select(chosen), cfg.n_train, cfg.n_test)
 
-    def encode(self, texts: list[str], labels: np.ndarray, n_train: int, n_test: int, keep_order: bool = False) -> TaskData:
-        """Frozen features of ``texts``; the first ``n_train`` train when ``keep_order``, else a seeded split."""
+    def encode(self, corpus: Any, n_train: int, n_test: int, keep_order: bool = False) -> TaskData:
+        """Frozen features of a ``datasets.Dataset`` (``text``, ``label``), tokenised by ``Dataset.map``; the
+        first ``n_train`` rows train when ``keep_order``, else a seeded split."""
         tokenizer, model = load_pretrained(str(self.checkpoint_path()))
-        features = frozen_features(tokenizer, model, texts, self.config.max_length, self.trainable_layers)
-        targets = torch.as_tensor(labels)
+        features = frozen_features(model, tokenised(corpus, tokenizer, self.config.max_length), self.trainable_layers)
+        targets = torch.as_tensor(np.asarray(corpus["label"], dtype=np.int64))
         if not keep_order:
             return seeded_splits(self, features, targets, n_train, n_test, self.config.n_queries)
         return fixed_splits(self, Split(features[:n_train], targets[:n_train]),
@@ -165,5 +166,5 @@ class RtBert(BertTask):
     def checkpoint_path(self) -> Path:
         return minilm_path()
 
-    def texts_and_labels(self) -> tuple[list[str], np.ndarray]:
-        return load_rt_snippets()
+    def dataset(self) -> Any:
+        return as_dataset(*load_rt_snippets())

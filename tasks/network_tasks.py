@@ -19,6 +19,7 @@ from tasks.network_data import load_cifar10, load_sst2
 from tasks.resnet import ResNetTask
 from tasks.sgd import SgdRecipe
 from tasks.splits import fixed_splits
+from tasks.text_data import as_dataset
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -112,5 +113,5 @@ class Sst2Bert(BertTask):
         parts = load_sst2(cfg.data_dir, download=cfg.download)
         train_texts, train_labels = subsample(self, *parts["train"], cfg.n_train, "train")
         test_texts, test_labels = subsample(self, *parts["test"], cfg.n_test, "test")
-        texts, labels = train_texts + test_texts, np.concatenate([train_labels, test_labels])
-        return self.encode(texts, labels, cfg.n_train, cfg.n_test, keep_order=True)
+        corpus = as_dataset(train_texts + test_texts, np.concatenate([train_labels, test_labels]))
+        return self.encode(corpus, cfg.n_train, cfg.n_test, keep_order=True)

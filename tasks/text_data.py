@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,28 @@ def rt_corpus_bytes(download: bool = True) -> bytes:
 def load_rt_snippets() -> tuple[list[str], np.ndarray]:
     """The 12,808 real Rotten Tomatoes snippets (7,403 fresh, 5,405 rotten)."""
     return parse_rt_corpus(rt_corpus_bytes())
+
+
+def as_dataset(texts: list[str], labels: np.ndarray) -> Any:
+    """A Hugging Face ``datasets.Dataset`` with columns ``text`` and ``label`` (int64)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"text": list(texts), "label": np.asarray(labels, dtype=np.int64)})
+
+
+def tokenised(dataset: Any, tokenizer: Any, max_length: int) -> Any:
+    """``dataset`` tokenised by ``Dataset.map`` (batched), padded and truncated to ``max_length``, formatted
+    as torch tensors: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer gives them)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    def tokenize(batch: dict[str, list]) -> Any:
+        return tokenizer(batch["text"], padding="max_length", truncation=True, max_length=max_length)
+
+    mapped = dataset.map(tokenize, batched=True, batch_size=1000)
+    columns = [c for c in ("input_ids", "token_type_ids", "attention_mask") if c in mapped.column_names]
+    return mapped.with_format("torch", columns=columns)
 
 
 def minilm_path() -> Path:

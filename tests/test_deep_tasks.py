@@ -27,6 +27,30 @@ def test_rt_loader_counts_and_balance():
     assert all(isinstance(t, str) and t for t in texts[:100])
 
 
+def test_text_goes_through_hugging_face_datasets_to_the_same_features():
+    """The corpus is a ``datasets.Dataset`` tokenised by ``.map``: the same ids as the tokenizer called directly,
+    and so bit-identical frozen features (published rt-bert ground truths stay valid)."""
+    import datasets
+
+    from tasks.bert import frozen_features, load_pretrained
+    from tasks.text_data import as_dataset, minilm_path, tokenised
+
+    texts, labels = load_rt_snippets()
+    corpus = as_dataset(texts[:40], labels[:40])
+    assert isinstance(corpus, datasets.Dataset) and corpus.column_names == ["text", "label"]
+    tokenizer, model = load_pretrained(str(minilm_path()))
+    encoded = tokenised(corpus, tokenizer, 16)
+    direct = tokenizer(texts[:40], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    rows = encoded[: len(encoded)]
+    assert set(rows) == set(direct) and all(torch.equal(rows[k], direct[k]) for k in direct)
+    with torch.no_grad():
+        hidden = [model.bert(**{k: v[i : i + 16] for k, v in direct.items()}, output_hidden_states=True).hidden_states[5]
+                  for i in range(0, 40, 16)]
+    features = frozen_features(model, encoded, trainable_layers=1, batch_size=16)
+    assert torch.equal(features[..., :-1], torch.cat(hidden)) and torch.equal(features[..., -1],
+                                                                               direct["attention_mask"].float())
+
+
 def test_same_seed_gives_bit_identical_training():
     torch.set_num_threads(2)
     task = MnistResNet(TINY_RESNET, seed=0)

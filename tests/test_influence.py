@@ -96,5 +96,15 @@ def test_conformance_catches_a_flipped_sign():
         def score(self, queries, train_idx):
             return -super().score(queries, train_idx)
 
-    failed = {c.name for c in check_estimator(Flipped) if not c.passed}
-    assert failed == {"agreement with exact LOO"}
+    checks = check_estimator(Flipped)
+    assert {c.name for c in checks if not c.passed} == {"agreement with exact LOO"}
+    assert "sign convention is flipped" in next(c.detail for c in checks if not c.passed)
+
+
+def test_conformance_reports_its_steps_and_passes_quietly():
+    from bench.conformance import STEPS
+
+    seen = []
+    checks = check_estimator(BUILTIN.get("if-exact"), step=seen.append)
+    assert seen == list(STEPS) and all(c.passed for c in checks)
+    assert not any("flipped" in c.detail for c in checks)  # no sign-flip hint on a pass

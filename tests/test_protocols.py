@@ -360,6 +360,9 @@ def test_auc_interval_brackets_the_auc_and_narrows_with_more_points():
     ('name = "retrain-length"\nepochs = [1, 0.25]', "protocol retrain-length: warm retrains must last at least 1 epoch"),
     ('name = "lds"\nretrain = "hot"', "protocol lds: unknown retrain mode 'hot'. Valid: warm, scratch"),
     ('name = "mislabel"\nflip = "random"', "protocol mislabel: mislabel: unknown flip 'random'. Valid: confused, uniform"),
+    ('name = "loo"\nn_removed = -5', "protocol loo: n_removed must be ≥ 2 (a correlation across removals needs two), got -5"),
+    ('name = "lds"\nn_subsets = 2', "protocol lds: n_subsets must be ≥ 3 (a rank correlation across subsets), got 2"),
+    ('name = "group"\nfractions = [0.1, 1.5]', "protocol group: fractions must be in (0, 1), got [0.1, 1.5]"),
 ])
 def test_bad_protocol_values_are_refused_before_any_work(tmp_path, capsys, options, message):
     suite, results = tmp_path / "suite.toml", tmp_path / "results"

@@ -1,6 +1,7 @@
-"""``ifbench profile``: log-log slopes, a small sweep end to end, the leaderboard section."""
+"""``ifbench profile``: log-log slopes, a small sweep end to end, resuming, a stopped point, the leaderboard section."""
 
 import math
+import textwrap
 
 import pytest
 
@@ -19,15 +20,19 @@ def test_slope_recovers_a_power_law_and_follows_it():
     assert scaling.fit_slope([1, 2], [1, 2]) is None  # two points leave no interval
 
 
+SMALL = scaling.SweepConfig(n_train=(100, 200, 400), n_queries=(2, 4, 8), n_train_for_queries=100, widths=(1, 2, 4),
+                            n_train_for_widths=100, queries=5, repeats=1)
+
+
 def test_a_small_sweep_measures_fits_and_renders(tmp_path):
     registry = default_registries(entry_points=False).estimators
-    config = scaling.SweepConfig(n_train=(100, 200, 400), widths=(1, 2, 4), n_train_for_widths=100, n_queries=5,
-                                 repeats=1)
+    config = SMALL
     estimators = [(name, registry.get(name)) for name in ("grad-dot", "kfac", "loss")]
-    points = scaling.sweep(estimators, ["n", "P"], config, progress=False)
+    points = scaling.sweep(estimators, ["n", "Q", "P"], config, progress=False, isolate=False)
     measured = [p for p in points if p.seconds is not None]
-    assert {(p.estimator, p.axis) for p in measured} == {(e, a) for e in ("grad-dot", "kfac") for a in ("n", "P")}
-    assert [p.note for p in points if p.estimator == "loss"] == ["no single scores"] * 6
+    assert {(p.estimator, p.axis) for p in measured} == {(e, a) for e in ("grad-dot", "kfac") for a in ("n", "Q", "P")}
+    assert [p.note for p in points if p.estimator == "loss"] == ["no single scores"] * 9
+    assert sorted(p.x() for p in measured if p.axis == "Q" and p.estimator == "grad-dot") == [2, 4, 8]
     sizes = sorted({p.n_parameters for p in measured if p.axis == "P" and p.estimator == "kfac"})
     assert len(sizes) == 3 and sizes[0] < sizes[1] < sizes[2]  # the whole network at each width
     scaling.save(points, config, tmp_path)
@@ -36,10 +41,61 @@ def test_a_small_sweep_measures_fits_and_renders(tmp_path):
     text = "\n".join(scaling.render(loaded, payload, ["figures/scaling.png"]))
     assert "## Scaling profile" in text and "| `kfac` |" in text and "*extrapolated*" in text
     slope = scaling.fits(loaded)["grad-dot", "n", "time"]
-    assert math.isfinite(slope.slope)
+    assert math.isfinite(slope.slope) and ("grad-dot", "Q", "time") in scaling.fits(loaded)
+    assert [path.name for path in scaling.figure(loaded, tmp_path / "figures")] == ["scaling.png"]
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+    registry = default_registries(entry_points=False).estimators
+    estimators = [(name, registry.get(name)) for name in ("grad-dot", "random")]
+
+    def save_then_stop(points):
+        scaling.save(points, SMALL, tmp_path)
+        if len(points) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scaling.sweep(estimators, ["n"], SMALL, progress=False, isolate=False, on_point=save_then_stop)
+    import torch
+
+    done = scaling.resumable(tmp_path, SMALL, torch.get_num_threads())
+    assert len(done) == 3
+    new = []
+    points = scaling.sweep(estimators, ["n"], SMALL, progress=False, isolate=False, done=done,
+                           on_point=lambda so_far: new.append(so_far[-1]))
+    assert points[:3] == done and len(new) == 3 and len(points) == 6  # only the three missing points ran
+    assert {p.where for p in points} == {(e, "n", n, 5, 0) for e in ("grad-dot", "random") for n in (100, 200, 400)}
+    assert scaling.resumable(tmp_path, SMALL, torch.get_num_threads() + 1) == []  # other threads: measured again
+
+
+SLOW = textwrap.dedent('''
+    import time
+    from bench.registry import registered
+    from estimators.baselines import RandomScores
+
+    @registered("zz-slow")
+    class Slow(RandomScores):
+        """Never finishes fitting."""
+        def fit(self, ctx):
+            time.sleep(600)
+''')
+
+
+def test_a_point_past_its_time_limit_is_stopped_and_ends_that_axis(tmp_path):
+    plugin = tmp_path / "slow.py"
+    plugin.write_text(SLOW)
+    registry = default_registries([str(plugin)], entry_points=False).estimators
+    config = scaling.SweepConfig(n_train=(100, 200), widths=(1,), n_queries=(2,), n_train_for_queries=100, queries=5,
+                                 repeats=1, point_budget_s=2.0, point_timeout_s=4.0)
+    points = scaling.sweep([(name, registry.get(name)) for name in ("zz-slow", "grad-dot")], ["n"], config,
+                           progress=False, plugins=[str(plugin)])
+    slow = [p for p in points if p.estimator == "zz-slow"]
+    assert slow[0].seconds is None and "stopped: exceeded the time limit (point_timeout_s = 4 s)" in slow[0].note
+    assert slow[1].note == "over the point budget or time limit at a smaller size"  # not tried at n = 200
+    assert all(p.seconds is not None for p in points if p.estimator == "grad-dot")  # the rest went on
 
 
 def test_profile_refuses_a_bad_axis(tmp_path, capsys):
     assert main(["profile", "--results", str(tmp_path / "p"), "--axes", "q"]) == 2
-    assert "--axes must name n and/or P, got q" in capsys.readouterr().err
+    assert "--axes must name some of n, Q, P, got q" in capsys.readouterr().err
     assert not (tmp_path / "p" / scaling.PROFILE_FILE).exists()

@@ -36,6 +36,7 @@ from bench.groundtruth.base import (
 )
 from bench.groundtruth.retraining import (
     base_reference,
+    check_at_least,
     check_retrain_mode,
     check_warm_epochs,
     retrain_effects,
@@ -62,10 +63,15 @@ class GroupRemovalConfig:
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
 
-
     def __post_init__(self) -> None:
         check_retrain_mode(self.retrain)
         check_warm_epochs(self.warm_epochs)
+        check_at_least("groups_per_cell", self.groups_per_cell, 2, "a correlation within a block needs two")
+        check_at_least("n_clusters", self.n_clusters, 1)
+        check_at_least("seeds", self.seeds, 1)
+        if not all(0 < f < 1 for f in self.fractions) or not self.fractions:
+            raise ValueError(f"fractions must be in (0, 1), got {list(self.fractions)}")
+
 
 @dataclass(frozen=True)
 class GroupPlan:

@@ -32,6 +32,7 @@ from bench.groundtruth.base import (
 )
 from bench.groundtruth.retraining import (
     base_reference,
+    check_at_least,
     check_retrain_mode,
     check_warm_epochs,
     retrain_effects,
@@ -54,10 +55,14 @@ class LdsConfig:
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
 
-
     def __post_init__(self) -> None:
         check_retrain_mode(self.retrain)
         check_warm_epochs(self.warm_epochs)
+        check_at_least("n_subsets", self.n_subsets, 3, "a rank correlation across subsets")
+        check_at_least("seeds", self.seeds, 1)
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+
 
 def plan_subsets(n_train: int, n_subsets: int, alpha: float, seed: int) -> list[np.ndarray]:
     """The *removed* complement of each subset (sorted indices), from the seed alone."""

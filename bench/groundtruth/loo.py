@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.groundtruth.base import GroundTruth, ScoreMatrixProtocol
-from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, warm_steps
+from bench.groundtruth.retraining import base_reference, check_at_least, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
@@ -40,11 +40,11 @@ class LooConfig:
     warm_epochs: float = 1.0
     warm_lr_factor: float = 0.1
 
-
     def __post_init__(self) -> None:
         check_warm_epochs(self.warm_epochs)
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be ≥ 1, got {self.seeds}")
+        check_at_least("n_removed", self.n_removed, 2, "a correlation across removals needs two")
+        check_at_least("seeds", self.seeds, 1)
+
 
 def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
     """Sorted, distinct training indices to leave out, chosen from the seed alone."""

@@ -29,7 +29,7 @@ from bench.groundtruth.base import (
     unpack_groups,
 )
 from bench.groundtruth.loo import plan_removals
-from bench.groundtruth.retraining import base_reference, check_warm_epochs, retrain_effects, warm_steps
+from bench.groundtruth.retraining import base_reference, check_at_least, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -48,12 +48,15 @@ class RetrainLengthConfig:
     seeds: int = 2
     lr_factor: float = 0.1
 
-
     def __post_init__(self) -> None:
         if not self.epochs:
             raise ValueError("epochs must list at least one retraining length")
         for epochs in self.epochs:
             check_warm_epochs(epochs)
+        check_at_least("n_removed", self.n_removed, 2, "a correlation across removals needs two")
+        check_at_least("group_size", self.group_size, 1)
+        check_at_least("seeds", self.seeds, 1)
+
 
 def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int) -> list[np.ndarray]:
     """``n_removed`` sorted index arrays: single points (``group_size = 1``, as ``loo`` plans them) or random

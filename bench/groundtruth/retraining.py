@@ -32,6 +32,12 @@ def check_warm_epochs(epochs: float) -> None:
         raise ValueError(f"warm retrains must last at least 1 epoch (every removed point visited), got {epochs}")
 
 
+def check_at_least(name: str, value: int, minimum: int, why: str = "") -> None:
+    """Refuse a count below ``minimum`` (at planning, before any work)."""
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}{f' ({why})' if why else ''}, got {value}")
+
+
 def check_retrain_mode(retrain: str) -> None:
     if retrain not in RETRAIN_MODES:
         raise ValueError(f"unknown retrain mode {retrain!r}. Valid: {', '.join(RETRAIN_MODES)}")
