@@ -117,18 +117,16 @@ def pooled_facts(facts: list[list[str]]) -> list[str]:
         out = [parts[0]]
         for i, part in enumerate(parts[1:]):
             column = [n[i] for n in numbers]
-            out.append(column[0] if len(set(column)) == 1 else f"{_shown_min(column)}–{_shown_max(column)}")
+            out.append(column[0] if len(set(column)) == 1 else "–".join(_extremes(column)))
             out.append(part)
         merged.append("".join(out))
     return merged
 
 
-def _shown_min(numbers: list[str]) -> str:
-    return min(numbers, key=lambda n: float(n.replace(",", "")))
-
-
-def _shown_max(numbers: list[str]) -> str:
-    return max(numbers, key=lambda n: float(n.replace(",", "")))
+def _extremes(numbers: list[str]) -> tuple[str, str]:
+    """The smallest and largest of numbers as shown (``"1,234"``), in their shown form."""
+    ordered = sorted(numbers, key=lambda n: float(n.replace(",", "")))
+    return ordered[0], ordered[-1]
 
 
 def _finite(value: Any) -> bool:
