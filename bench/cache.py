@@ -44,6 +44,17 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray], *, compressed: bool = False) -> None:
+    """``np.savez`` (or ``savez_compressed``) through :func:`atomic_write`, the file closed before the rename."""
+    save = np.savez_compressed if compressed else np.savez
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as file:  # a path would get ".npz" appended by numpy
+            save(file, **arrays)
+
+    atomic_write(path, write)
+
+
 class ArtifactCache:
     """``root/models/<key>.safetensors`` + ``.json``; ``root/groundtruth/<key>.npz``."""
 
@@ -84,7 +95,7 @@ class ArtifactCache:
     def save_arrays(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         payload = {**arrays, "__key__": np.array(key), "__meta__": np.array(json.dumps(meta, sort_keys=True)),
                    "__sha256__": np.array(arrays_digest(arrays))}
-        atomic_write(self.groundtruth_path(key), lambda p: np.savez(p.open("wb"), **payload))
+        atomic_savez(self.groundtruth_path(key), payload)
 
     def load_arrays(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         path = self.groundtruth_path(key)

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run cells in this process (faster to debug; a crashing estimator then ends the run)")
     run.add_argument("--cell-timeout-s", type=float, help="per-cell time limit in seconds (default from the suite: 1800)")
     run.add_argument("--cell-memory-mb", type=float, help="cap on a cell worker's resident memory, MB (default: none)")
+    run.add_argument("--workers", type=int, help="retrain in N local worker processes, each with --threads threads "
+                     "(default from the suite: 1, in this process; the numbers do not change)")
+    run.add_argument("--scheduler", help="retrain on Dask: local:N (a local cluster of N workers) or tcp://HOST:PORT")
     run.add_argument("--retry-failed", action="store_true", help="re-run cells that failed before")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -70,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is shown (default: 3)")
     speed.add_argument("--device", default="cpu", help=f"{' or '.join(DEVICES)} (or cuda:N)")
     speed.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    speed.add_argument("--workers", type=int, default=1,
+                       help="also time stacks spread over N one-thread worker processes (default: 1, not timed)")
 
     prof = sub.add_parser("profile", help="how fit and score time and memory grow with n and P (log-log sweeps)")
     prof.add_argument("--results", type=Path, default=Path("results") / "profile",
@@ -103,7 +108,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     registries.protocols.check(_names(args.protocols) or ())  # a typo gets "did you mean" before tasks are narrowed
     suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
                            estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads,
-                           isolate=args.isolate, cell_timeout_s=args.cell_timeout_s, cell_memory_mb=args.cell_memory_mb)
+                           isolate=args.isolate, cell_timeout_s=args.cell_timeout_s, cell_memory_mb=args.cell_memory_mb,
+                           workers=1 if args.scheduler and args.workers is None else args.workers,
+                           scheduler=args.scheduler)
     plan = plan_suite(suite, registries)  # validates everything before any write
     results = args.results or Path("results") / slug(suite.name)
     check_writable(results)
@@ -189,8 +196,9 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     from tasks.deep import SgdTask
 
     stacks = [int(size) for size in _names(args.stacks) or ()]
-    if not stacks or min(stacks) < 1 or args.steps < 1 or args.repeats < 1:
-        raise ConfigError(f"--stacks, --steps and --repeats must be ≥ 1, got {stacks}, {args.steps}, {args.repeats}")
+    if not stacks or min(stacks) < 1 or min(args.steps, args.repeats, args.workers) < 1:
+        raise ConfigError(f"--stacks, --steps, --repeats and --workers must be ≥ 1, got {stacks}, {args.steps}, "
+                          f"{args.repeats}, {args.workers}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
     registry = default_registries(entry_points=False).tasks
@@ -206,7 +214,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         if args.preset not in cls.presets:
             raise ConfigError(f"unknown preset {args.preset!r} for task {name!r}. Valid presets: {', '.join(cls.presets)}")
         rows += measure(cls(cls.presets[args.preset], seed=0, device=args.device), stacks, steps=args.steps,
-                        repeats=args.repeats)
+                        repeats=args.repeats, workers=args.workers)
     print(markdown(rows), end="")
     return 0
 

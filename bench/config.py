@@ -92,6 +92,11 @@ class SuiteConfig:
     cell_timeout_s: float = 1800.0
     #: a cell whose worker's resident memory exceeds this fails (0: no cap)
     cell_memory_mb: float = 0.0
+    #: retrains run in this many local worker processes, each with ``threads`` torch threads (1: in process);
+    #: the numbers do not depend on it
+    workers: int = 1
+    #: retrains run on Dask instead: ``local:N`` (a local cluster of N workers) or ``tcp://HOST:PORT``
+    scheduler: str = ""
 
     def options_for(self, estimator: str) -> dict[str, Any]:
         return dict(dict(self.estimator_options).get(estimator, ()))
@@ -197,7 +202,7 @@ def parse_suite(data: Mapping[str, Any], source: str = "<suite>") -> SuiteConfig
         estimator_options=tuple(sorted((k, _freeze(v)) for k, v in est_options.items())),
     )
     scalars = {k: data[k] for k in ("seed", "device", "threads", "bootstrap_resamples", "top_k", "isolate",
-                                    "cell_timeout_s", "cell_memory_mb") if k in data}
+                                    "cell_timeout_s", "cell_memory_mb", "workers", "scheduler") if k in data}
     suite = make_config(SuiteConfig, scalars, f"suite {source}", base=suite)
     return validate_suite(suite)
 
@@ -215,7 +220,30 @@ def validate_suite(suite: SuiteConfig) -> SuiteConfig:
         raise ConfigError(f"cell_timeout_s must be a positive number of seconds, got {suite.cell_timeout_s}")
     if not suite.cell_memory_mb >= 0 or suite.cell_memory_mb == float("inf"):
         raise ConfigError(f"cell_memory_mb must be ≥ 0 (0: no cap), got {suite.cell_memory_mb}")
+    if isinstance(suite.workers, bool) or not isinstance(suite.workers, int) or suite.workers < 1:
+        raise ConfigError(f"workers must be a whole number ≥ 1 (1: retrains in this process), got {suite.workers!r}")
+    if suite.scheduler:
+        if suite.workers != 1:
+            raise ConfigError(f"give workers ({suite.workers}) or scheduler ({suite.scheduler!r}), not both: "
+                              "a Dask cluster has its own worker count")
+        check_scheduler(suite.scheduler)
     return suite
+
+
+#: ``scheduler`` forms: a local Dask cluster of N workers, or an existing cluster's address
+SCHEDULER_LOCAL = "local:"
+SCHEDULER_ADDRESSES = ("tcp://", "tls://", "ucx://", "inproc://")
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Refuse a malformed ``scheduler`` before any work."""
+    if scheduler.startswith(SCHEDULER_LOCAL):
+        count = scheduler[len(SCHEDULER_LOCAL):]
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"scheduler {scheduler!r}: local:N needs a worker count N ≥ 1")
+    elif not scheduler.startswith(SCHEDULER_ADDRESSES):
+        raise ConfigError(f"scheduler {scheduler!r} is neither local:N nor a Dask scheduler's address "
+                          f"({' or '.join(p + 'HOST:PORT' for p in SCHEDULER_ADDRESSES[:2])})")
 
 
 def load_suite(name_or_path: str) -> SuiteConfig:

@@ -36,7 +36,7 @@ class CellLimits:
     timeout_option: str = "cell_timeout_s"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the kernel kills this worker if the run's process dies (even by SIGKILL), so no orphan hangs on."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -44,7 +44,7 @@ def _die_with_parent() -> None:
 
 def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the worker
-    _die_with_parent()
+    die_with_parent()
     try:
         from bench.catalog import default_registries
         from bench.environment import silence_known_warnings

@@ -173,7 +173,9 @@ def _facts(head: dict[str, Any]) -> list[str]:
         facts.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%{spread}")
     facts += head.get("facts", [])
     if gt.get("seconds") is not None:
-        facts.append(f"ground truth took {_seconds(gt['seconds'])} s" + (" in all" if several else ""))
+        workers = int(gt.get("retrain_workers") or 1)
+        facts.append(f"ground truth took {_seconds(gt['seconds'])} s" + (" in all" if several else "")
+                     + (f" (retrains on {workers} workers)" if workers > 1 else ""))
     return facts
 
 

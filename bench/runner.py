@@ -28,6 +28,7 @@ from bench import environment, metrics
 from bench.cache import ArtifactCache, in_order, load_or_none, pack_trained, pack_truth, unpack_trained, unpack_truth
 from bench.config import ConfigError
 from bench.context import fit_context, head_view_context
+from bench.executors import Executor, InProcess, make_executor
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
 from bench.planning import Plan, PlannedComponent, PlannedTask
@@ -61,6 +62,8 @@ class Runner:
         self.cache = ArtifactCache(self.results_dir / "cache")
         self.progress, self.retry_failed = progress, retry_failed
         self.device = torch.device(self.suite.device)
+        #: where ground truth's retrains run (set for the length of :meth:`run`)
+        self.executor: Executor = InProcess()
         #: head-view features by (model, inputs): shared by the estimators of a job (see :meth:`_view_split`)
         self._features: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
@@ -71,8 +74,9 @@ class Runner:
         summary = RunSummary()
         finished = {"ok", NOT_APPLICABLE} | (set() if self.retry_failed else {"failed"})
         done = {key: rec for key, rec in self.store.latest().items() if rec.get("status") in finished}
-        for planned in self.plan.tasks:
-            self._run_task(planned, done, summary)
+        with make_executor(self.suite.workers, self.suite.scheduler, self.plugins) as self.executor:
+            for planned in self.plan.tasks:
+                self._run_task(planned, done, summary)
         return summary
 
     # -- task level ----------------------------------------------------------
@@ -219,8 +223,9 @@ class Runner:
         truth = self._cached_truth(task, key, protocol_plan.name)
         if truth is None:
             with profiled(self.device) as prof:
-                truth = protocol.compute(task, data, base, progress=self.progress)
-            truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, "seconds": prof.seconds})
+                truth = protocol.compute(task, data, base, progress=self.progress, executor=self.executor)
+            truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, "seconds": prof.seconds,
+                                                                "retrain_workers": float(self.executor.workers)})
             if truth.model is not None:  # the model first: a ground truth on disk implies its model is there
                 self.cache.save_model(f"{key}-model", *pack_trained(truth.model, task.name))
             self.cache.save_arrays(key, *pack_truth(truth))

@@ -6,7 +6,8 @@ the queries) and reported by its median: n and Q on mnist-logreg (P = 7,850 fixe
 whole network at several widths (n fixed; estimators with a ``parameters`` option are given every parameter).
 Each sweep point runs its estimators in a spawned worker (:mod:`bench.isolation`): one past
 ``point_timeout_s`` is stopped and noted, and ends its sweep along that axis, as does a point slower than
-``point_budget_s`` (larger points would be slower still). Points are saved as they finish, and a re-run resumes.
+``axis_stop_s`` (larger points would be slower still); repeats stop once a point has taken ``point_budget_s``.
+Points are saved as they finish, and a re-run resumes.
 Per estimator and axis a log–log line ``time ∝ xᵃ`` is fitted (scipy's ``linregress``; 95% interval from
 its standard error and Student's t), and the line is followed to named reference scales, marked
 *extrapolated*. Memory is the estimator's own increment over the resident size before its fit.
@@ -44,9 +45,9 @@ MEMORY_LIMITS_MB = (("24 GiB", 24 * 1024), ("80 GiB", 80 * 1024))
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The default sweep fits in about 20 minutes on 2 CPU cores. Repeats stop once a point has taken
-    ``point_budget_s`` (at least one runs); a point slower than that, or stopped at ``point_timeout_s``, ends
-    the estimator's sweep along the axis."""
+    """The default sweep is sized to finish within 20 minutes on 2 CPU cores. Repeats stop once a point has
+    taken ``point_budget_s`` (at least one runs); a point slower than ``axis_stop_s`` (one repeat's fit +
+    score), or stopped at ``point_timeout_s``, ends the estimator's sweep along the axis."""
 
     n_train: tuple[int, ...] = (250, 500, 1000, 2000)
     n_queries: tuple[int, ...] = (10, 20, 40, 80)
@@ -55,15 +56,16 @@ class SweepConfig:
     n_train_for_widths: int = 400
     queries: int = 20  # on the n and P axes
     repeats: int = 3
-    point_budget_s: float = 30.0
+    point_budget_s: float = 8.0
+    axis_stop_s: float = 45.0
     point_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if min(self.repeats, self.queries, *self.n_train, *self.n_queries, *self.widths) < 1:
             raise ValueError(f"sweep sizes and repeats must be ≥ 1: {self}")
-        if not 0 < self.point_budget_s <= self.point_timeout_s:
-            raise ValueError(f"need 0 < point_budget_s ≤ point_timeout_s, got {self.point_budget_s}, "
-                             f"{self.point_timeout_s}")
+        if not 0 < self.point_budget_s <= self.point_timeout_s or not 0 < self.axis_stop_s <= self.point_timeout_s:
+            raise ValueError(f"need 0 < point_budget_s ≤ point_timeout_s and 0 < axis_stop_s ≤ point_timeout_s, got "
+                             f"{self.point_budget_s}, {self.axis_stop_s}, {self.point_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -209,9 +211,9 @@ def _stopped_below(points: Sequence[Point], name: str, axis: str, config: SweepC
     for point in points:
         if point.estimator == name and point.axis == axis:
             if point.note.startswith("stopped") or point.note.startswith("over the"):
-                return "over the point budget or time limit at a smaller size"
-            if (point.seconds or 0.0) > config.point_budget_s:
-                return "over the point budget at a smaller size"
+                return "stopped at the time limit at a smaller size"
+            if (point.seconds or 0.0) > config.axis_stop_s:
+                return f"slower than axis_stop_s = {config.axis_stop_s:g} s at a smaller size"
     return ""
 
 
@@ -336,7 +338,9 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
         f"mnist-resnet's whole network (widths {', '.join(map(str, config['widths']))}, "
         f"n = {config['n_train_for_widths']}). Each point ran in a worker process"
         + (f" stopped after {config['point_timeout_s']:g} s" if "point_timeout_s" in config else "")
-        + "; a point over the budget or stopped ends that estimator's sweep along the axis. "
+        + "; a point slower than "
+        + (f"{config['axis_stop_s']:g} s" if "axis_stop_s" in config else "the budget")
+        + " or stopped ends that estimator's sweep along the axis. "
         "Exponents are log–log least-squares slopes with 95% intervals (time ∝ nᵃ, ∝ Qᵇ, ∝ Pᶜ; memory ∝ nᵈ, ∝ Pᵉ); "
         "the extrapolations follow those lines far outside the measured range, so read them as orders of magnitude.",
         "",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.cache import arrays_digest, atomic_write
+from bench.cache import arrays_digest, atomic_savez
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,8 @@ class ResultsStore:
         """An estimator's prediction (one array) with what it cost, apart from any metric of it."""
         meta_text = json.dumps(_json_safe(meta), sort_keys=True)
         prediction = np.asarray(prediction)
-        atomic_write(self.prediction_path(key), lambda p: np.savez(
-            p.open("wb"), prediction=prediction, meta=np.array(meta_text), key=np.array(key),
-            sha256=np.array(arrays_digest({"prediction": prediction}))))
+        atomic_savez(self.prediction_path(key), {"prediction": prediction, "meta": np.array(meta_text), "key": np.array(key),
+                                                 "sha256": np.array(arrays_digest({"prediction": prediction}))})
 
     def load_prediction(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """A saved prediction and its metadata, or None (missing, unreadable or saved under another key)."""
@@ -154,8 +153,7 @@ class ResultsStore:
         return self.directory / "artifacts" / f"{cell_key}.npz"
 
     def save_artifact(self, cell_key: str, predicted: np.ndarray, actual: np.ndarray) -> None:
-        atomic_write(self.artifact_path(cell_key),
-                     lambda p: np.savez_compressed(p.open("wb"), predicted=predicted, actual=actual))
+        atomic_savez(self.artifact_path(cell_key), {"predicted": predicted, "actual": actual}, compressed=True)
 
     def load_artifact(self, cell_key: str) -> tuple[np.ndarray, np.ndarray] | None:
         path = self.artifact_path(cell_key)

@@ -168,11 +168,14 @@ class LogRegTask(Task):
             value_and_grad, start, jac=True, method="L-BFGS-B",
             options={"maxiter": 5000, "gtol": 1e-9, "ftol": 0.0, "maxcor": 30},
         )
-        theta = torch.as_tensor(result.x, device=self.device)
-        factor = torch.linalg.cholesky(objective_hessian(theta, train.inputs, train.targets, ones[0], len(train), self.l2))
-        theta, grad_norm, steps = self._newton(theta[None], factor, data, ones)
+        start_theta = torch.as_tensor(result.x, device=self.device)
+        factor = torch.linalg.cholesky(objective_hessian(start_theta, train.inputs, train.targets, ones[0], len(train),
+                                                         self.l2))
+        theta, grad_norm, steps = self._newton(start_theta[None], factor, data, ones)
         params = unflatten(theta[0].clone(), k, n_features)
-        self._factor = (theta[0].clone(), factor)
+        # keyed by the θ it was computed at: retrains factor H(θ̂) afresh, the same in every process and whether
+        # θ̂ was just trained or read from the cache (so their numbers never depend on where they ran)
+        self._factor = (start_theta, factor)
         return TrainedModel(
             params=params,
             checkpoints=self.trace_checkpoints(data),

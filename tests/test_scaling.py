@@ -86,13 +86,24 @@ def test_a_point_past_its_time_limit_is_stopped_and_ends_that_axis(tmp_path):
     plugin.write_text(SLOW)
     registry = default_registries([str(plugin)], entry_points=False).estimators
     config = scaling.SweepConfig(n_train=(100, 200), widths=(1,), n_queries=(2,), n_train_for_queries=100, queries=5,
-                                 repeats=1, point_budget_s=2.0, point_timeout_s=4.0)
+                                 repeats=1, point_budget_s=2.0, axis_stop_s=2.0, point_timeout_s=4.0)
     points = scaling.sweep([(name, registry.get(name)) for name in ("zz-slow", "grad-dot")], ["n"], config,
                            progress=False, plugins=[str(plugin)])
     slow = [p for p in points if p.estimator == "zz-slow"]
     assert slow[0].seconds is None and "stopped: exceeded the time limit (point_timeout_s = 4 s)" in slow[0].note
-    assert slow[1].note == "over the point budget or time limit at a smaller size"  # not tried at n = 200
+    assert slow[1].note == "stopped at the time limit at a smaller size"  # not tried at n = 200
     assert all(p.seconds is not None for p in points if p.estimator == "grad-dot")  # the rest went on
+
+
+def test_a_point_slower_than_axis_stop_ends_the_axis_and_a_faster_one_does_not():
+    config = scaling.SweepConfig(point_budget_s=1.0, axis_stop_s=10.0, point_timeout_s=20.0)
+    at = {"axis": "n", "n_train": 250, "n_parameters": 7850, "score_s": 1.0, "repeats": 1}
+    assert scaling._stopped_below([scaling.Point("e", fit_s=8.5, **at)], "e", "n", config) == ""
+    assert scaling._stopped_below([scaling.Point("e", fit_s=9.5, **at)], "e", "n", config) == (
+        "slower than axis_stop_s = 10 s at a smaller size")
+    assert scaling._stopped_below([scaling.Point("e", fit_s=9.5, **at)], "e", "Q", config) == ""  # another axis
+    with pytest.raises(ValueError, match="0 < axis_stop_s ≤ point_timeout_s"):
+        scaling.SweepConfig(axis_stop_s=200.0, point_timeout_s=120.0)
 
 
 def test_profile_refuses_a_bad_axis(tmp_path, capsys):

@@ -104,16 +104,18 @@ def test_throughput_command_reports_each_configuration(capsys):
     from bench.cli import main
 
     assert main(["throughput", "--tasks", "mnist-resnet", "--preset", "smoke", "--stacks", "2", "4", "--steps", "2",
-                 "--repeats", "1", "--threads", "1"]) == 0
+                 "--repeats", "1", "--threads", "1", "--workers", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist-resnet")]
-    assert [row.split("|")[4:6] for row in rows] == [[" one at a time ", " 4 "], [" stacked ", " 2 "], [" stacked ", " 4 "]]
+    assert [row.split("|")[4:6] for row in rows] == [[" one at a time ", " 4 "], [" stacked ", " 2 "], [" stacked ", " 4 "],
+                                                     [" 2 workers × 1 thread, stacks of 8 ", " 32 "]]
     assert rows[0].rstrip().endswith("| 1.00 |")  # the ratio's reference
     assert all(float(row.split("|")[6]) > 0 for row in rows)
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--tasks", "mnist-logreg"], "task 'mnist-logreg' is not trained by SGD"),
-    (["--stacks", "0"], "--stacks, --steps and --repeats must be ≥ 1"),
+    (["--stacks", "0"], "--stacks, --steps, --repeats and --workers must be ≥ 1"),
+    (["--workers", "0"], "--stacks, --steps, --repeats and --workers must be ≥ 1, got [1, 8, 32], 10, 3, 0"),
     (["--tasks", "mnist-resnet", "--preset", "huge"], "unknown preset 'huge' for task 'mnist-resnet'"),
 ])
 def test_throughput_refuses_bad_requests(capsys, args, message):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from bench import metrics
+from bench.executors import Executor
 from estimators.base import GROUP, SINGLE, Estimator
 from tasks.base import Params, Split, Task, TaskData, TrainedModel
 
@@ -127,7 +128,8 @@ class Protocol(ABC):
         self.seed = seed
 
     @abstractmethod
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         """Plan the retrains (never from any estimator's scores), run them, measure."""
 
     def fit_data(self, data: TaskData, truth: GroundTruth) -> TaskData:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from bench import metrics
+from bench.executors import Executor
 from bench.groundtruth.base import (
     CellResult,
     Evaluation,
@@ -135,14 +136,15 @@ class GroupRemoval(ScoreMatrixProtocol):
                                           "pearson_coherent_large")
     column_noun: ClassVar[str] = "removed groups"
 
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         cfg = self.config
         plan = plan_groups(task, data, base, cfg, self.seed)
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train),
                               epochs=cfg.warm_epochs)
         removals: list[Tensor] = [torch.as_tensor(g, dtype=torch.long) for g in plan.groups]
         deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference,
-                                              progress=progress, desc=f"group retrains [{task.name}]")
+                                              progress=progress, executor=executor, desc=f"group retrains [{task.name}]")
         extra = {**pack_groups(plan.groups), "kinds": plan.kinds, "fractions": plan.fractions}
         if specs[0].mode == "warm":
             diagnostics["warm_steps"] = float(specs[0].steps)

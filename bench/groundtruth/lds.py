@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bench import metrics
+from bench.executors import Executor
 from bench.groundtruth.base import (
     CellResult,
     Evaluation,
@@ -87,13 +88,14 @@ class LinearDatamodelingScore(ScoreMatrixProtocol):
     columns: ClassVar[tuple[str, ...]] = ("pearson",)
     column_noun: ClassVar[str] = "subsets"
 
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         cfg = self.config
         removed = plan_subsets(len(data.train), cfg.n_subsets, cfg.alpha, self.seed)
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train) - len(removed[0]),
                               epochs=cfg.warm_epochs)
         deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
-                                              base_reference, progress=progress,
+                                              base_reference, progress=progress, executor=executor,
                                               desc=f"lds retrains [{task.name}]")
         if specs[0].mode == "warm":
             diagnostics["warm_steps"] = float(specs[0].steps)

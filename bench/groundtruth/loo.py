@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from bench.executors import Executor
 from bench.groundtruth.base import GroundTruth, ScoreMatrixProtocol
 from bench.groundtruth.retraining import base_reference, check_at_least, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
@@ -65,7 +66,8 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
     def n_seeds(self, task: Task) -> int:
         return 1 if task.convex else self.config.seeds
 
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         self.check_task(task)
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
         steps = 0
@@ -73,7 +75,7 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
             steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
         specs = [RetrainSpec(self.mode, s, steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
         deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
-                                              base_reference, progress=progress,
+                                              base_reference, progress=progress, executor=executor,
                                               desc=f"{self.name} retrains [{task.name}]")
         if steps:
             diagnostics["warm_steps"] = float(steps)

@@ -21,6 +21,7 @@ import scipy.stats
 import torch
 from torch.func import functional_call
 
+from bench.executors import Executor
 from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, checked
 from bench.registry import registered
 from bench.seeding import rng
@@ -108,7 +109,8 @@ class MislabelDetection(Protocol):
     fits_on_own_model: ClassVar[bool] = True
     version: ClassVar[str] = "2"  # 2: flips to the most-confused class by default
 
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         labels = data.train.targets.cpu().numpy()
         confusion = self._logits(task, base, data.train) if self.config.flip == "confused" else None
         flipped, noisy = flip_labels(labels, self.config.fraction, self.seed, confusion)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bench import metrics
+from bench.executors import Executor
 from bench.groundtruth.base import (
     CellResult,
     Evaluation,
@@ -91,7 +92,8 @@ class RetrainLength(ScoreMatrixProtocol):
     def columns(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(_label(t) for t in self.config.epochs)
 
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         cfg = self.config
         groups = plan_removal_groups(len(data.train), cfg.n_removed, cfg.group_size, self.seed)
         blocks, diagnostics, steps = [], {}, []
@@ -99,7 +101,7 @@ class RetrainLength(ScoreMatrixProtocol):
             steps.append(warm_steps(task, len(data.train) - cfg.group_size, epochs))
             specs = [RetrainSpec("warm", s, steps[-1], cfg.lr_factor) for s in range(cfg.seeds)]
             deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
-                                                  base_reference, progress=progress,
+                                                  base_reference, progress=progress, executor=executor,
                                                   desc=f"retrain-length T={epochs:g} epochs [{task.name}]")
             blocks.append(deltas)
         stacked = np.concatenate(blocks, axis=2)  # [S, Q, T·R], T-major

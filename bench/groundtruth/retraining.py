@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bench.executors import Executor, InProcess, RetrainChunk, RetrainProblem
 from tasks.base import Params, RetrainSpec, Task, TaskData, TrainedModel
 
 RETRAIN_MODES = ("warm", "scratch")
@@ -55,32 +56,36 @@ def retrain_specs(task: Task, retrain: str, seeds: int, lr_factor: float, *, n_k
 
 
 def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor], specs: Sequence[RetrainSpec],
-                    reference: Reference, *, progress: bool = True,
-                    desc: str = "retrains") -> tuple[np.ndarray, dict[str, float]]:
+                    reference: Reference, *, progress: bool = True, desc: str = "retrains",
+                    executor: Executor | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """``[len(specs), Q, len(removals)]`` query-loss changes: retrained without each removal, under each
     spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run). Removals go to the task
-    ``task.retrain_batch`` at a time (a stack trained together, see :meth:`Task.retrain_without`)."""
+    ``task.retrain_batch`` at a time (a stack trained together, see :meth:`Task.retrain_without`), each such
+    chunk to ``executor`` (default: this process); the result does not depend on which executor ran it."""
+    executor = executor or InProcess()
     model, queries = task.build_model(), data.queries
     deltas = np.zeros((len(specs), len(queries), len(removals)))
-    grad_norms: list[float] = []
-    bar = tqdm(total=len(specs) * len(removals), desc=desc, unit="retrain", disable=not progress, leave=False)
-    for s, spec in enumerate(specs):
+    reference_losses = []
+    for spec in specs:
         reference_params = reference(task, data, base, spec)  # may train: outside no_grad
         with torch.no_grad():
-            reference_loss = task.per_example_loss(model, reference_params, queries)
-        for start in range(0, len(removals), task.retrain_batch):
-            part = list(removals[start : start + task.retrain_batch])
-            for j, result in enumerate(task.retrain_without(data, base, part, spec)):
-                with torch.no_grad():
-                    deltas[s, :, start + j] = (task.per_example_loss(model, result.params, queries) - reference_loss).cpu()
-                if "grad_norm" in result.diagnostics:
-                    grad_norms.append(result.diagnostics["grad_norm"])
-            bar.update(len(part))
+            reference_losses.append(task.per_example_loss(model, reference_params, queries).cpu().numpy())
+    chunks = [RetrainChunk((s, start), spec, tuple(removals[start : start + task.retrain_batch]))
+              for s, spec in enumerate(specs) for start in range(0, len(removals), task.retrain_batch)]
+    problem = RetrainProblem(task, data, base, torch.get_num_threads())
+    grad_norms: dict[tuple[int, int], tuple[float, ...]] = {}
+    bar = tqdm(total=len(specs) * len(removals), desc=desc, unit="retrain", disable=not progress, leave=False)
+    for result in executor.run(problem, chunks):
+        s, start = result.key
+        deltas[s, :, start : start + len(result.losses)] = (result.losses - reference_losses[s]).T
+        grad_norms[result.key] = result.grad_norms
+        bar.update(len(result.losses))
     bar.close()
     diagnostics: dict[str, float] = {"seeds": float(len({spec.seed for spec in specs})),
                                      "exact_retraining": float(task.convex)}
-    if grad_norms:
-        diagnostics["max_retrain_grad_norm"] = max(grad_norms)
+    norms = [norm for key in sorted(grad_norms) for norm in grad_norms[key]]
+    if norms:
+        diagnostics["max_retrain_grad_norm"] = max(norms)
     return deltas, diagnostics
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from bench.executors import Executor
 from bench.groundtruth.base import CellResult, Evaluation, EvaluationError, GroundTruth, Protocol
 from bench.groundtruth.retraining import check_retrain_mode, check_warm_epochs, warm_steps
 from bench.registry import registered
@@ -132,7 +133,8 @@ class UpdateProtocol(Protocol):
         """A model's forget and retain indicators, with ``test`` as the test split (see the module docstring)."""
         raise NotImplementedError
 
-    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True) -> GroundTruth:
+    def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
+                executor: Executor | None = None) -> GroundTruth:
         cfg = self.config
         changed, new_labels = self.plan(task, data)
         index = torch.as_tensor(changed, dtype=torch.long)
