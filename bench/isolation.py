@@ -28,12 +28,13 @@ POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class CellLimits:
-    """Per-cell wall-time limit (seconds) and cap on the worker's resident memory (MB; 0: none); the limit's
-    option name, for the message that a cell exceeded it."""
+    """Per-cell wall-time limit (seconds) and cap on the worker's resident memory (MB; 0: none); the limits'
+    option names, for the message that a cell exceeded one."""
 
     timeout_s: float
     memory_mb: float = 0.0
     timeout_option: str = "cell_timeout_s"
+    memory_option: str = "cell_memory_mb"
 
 
 def die_with_parent() -> None:
@@ -113,7 +114,7 @@ def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tupl
                 return
             rss = current_rss_mb(worker.pid) if limits.memory_mb else None
             if rss is not None and rss > limits.memory_mb:
-                yield ("died", in_flight, f"exceeded the cell memory cap (cell_memory_mb = {limits.memory_mb:g}; "
+                yield ("died", in_flight, f"exceeded the memory cap ({limits.memory_option} = {limits.memory_mb:g}; "
                        f"the worker held {rss:.0f} MB)")
                 return
     finally:

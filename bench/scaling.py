@@ -40,6 +40,9 @@ AXES = ("n", "Q", "P")
 #: Named scales the fitted lines are followed to: (axis, name, value).
 REFERENCE_SCALES = (("n", "CIFAR-10 (n = 50,000)", 50_000), ("n", "SST-2 (n = 67,349)", 67_349),
                     ("P", "ResNet-18 (P ≈ 11.2 M)", 11.2e6), ("P", "BERT-base (P ≈ 110 M)", 110e6))
+#: λ added to the Hessian on the P axis (Koh & Liang's damping for their CNN): the whole ResNet's Hessian has
+#: negative eigenvalues, on which CG stops and a Cholesky factorisation fails
+P_AXIS_DAMPING = 0.01
 MEMORY_LIMITS_MB = (("24 GiB", 24 * 1024), ("80 GiB", 80 * 1024))
 
 
@@ -54,11 +57,13 @@ class SweepConfig:
     n_train_for_queries: int = 500
     widths: tuple[int, ...] = (2, 4, 8)
     n_train_for_widths: int = 400
-    queries: int = 20  # on the n and P axes
+    queries: int = 10  # on the n and P axes
     repeats: int = 3
-    point_budget_s: float = 8.0
+    point_budget_s: float = 4.0
     axis_stop_s: float = 45.0
     point_timeout_s: float = 120.0
+    #: a point whose worker holds more resident memory is stopped (half of a 24 GiB machine)
+    point_memory_mb: float = 12_288.0
 
     def __post_init__(self) -> None:
         if min(self.repeats, self.queries, *self.n_train, *self.n_queries, *self.widths) < 1:
@@ -111,11 +116,16 @@ def _sweep_tasks(axis: str, config: SweepConfig, seed: int) -> list[tuple[Any, i
 
 
 def _options(cls: type, task: Any, axis: str) -> Any:
-    """The estimator's default options; on the P axis, every parameter where it has a ``parameters`` option."""
+    """The estimator's default options; on the P axis, every parameter where it has a ``parameters`` option,
+    and :data:`P_AXIS_DAMPING` where it has an undamped ``damping`` (the whole network is not convex)."""
     config = cls.Config()
     fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
-    if axis == "P" and "parameters" in fields:
-        return dataclasses.replace(config, parameters=tuple(n for n, _ in task.build_model().named_parameters()))
+    if axis != "P":
+        return config
+    if "parameters" in fields:
+        config = dataclasses.replace(config, parameters=tuple(n for n, _ in task.build_model().named_parameters()))
+    if "damping" in fields and not config.damping:
+        config = dataclasses.replace(config, damping=P_AXIS_DAMPING)
     return config
 
 
@@ -187,7 +197,8 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
             base = task.train(data)
             while todo:  # a worker stopped on one estimator goes on with the rest in a fresh one
                 job = PointJob(task, data, base, tuple(todo), axis, width, config, seed, torch.get_num_threads())
-                limits = CellLimits(config.point_timeout_s, timeout_option="point_timeout_s")
+                limits = CellLimits(config.point_timeout_s, config.point_memory_mb, timeout_option="point_timeout_s",
+                                    memory_option="point_memory_mb")
                 messages = relay(job, plugins, limits) if isolate else job.messages()
                 for message in messages:
                     if message[0] == "start":
@@ -336,7 +347,8 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
         f"{config['point_budget_s']:g} s) and the estimator's own memory, as n grows on "
         f"mnist-logreg (n = {', '.join(map(str, config['n_train']))}; P = 7,850){q_axis}; and as P grows on "
         f"mnist-resnet's whole network (widths {', '.join(map(str, config['widths']))}, "
-        f"n = {config['n_train_for_widths']}). Each point ran in a worker process"
+        f"n = {config['n_train_for_widths']}; estimators with a damping option get λ = {P_AXIS_DAMPING:g}, the whole "
+        "network not being convex). Each point ran in a worker process"
         + (f" stopped after {config['point_timeout_s']:g} s" if "point_timeout_s" in config else "")
         + "; a point slower than "
         + (f"{config['axis_stop_s']:g} s" if "axis_stop_s" in config else "the budget")

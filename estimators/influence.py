@@ -142,9 +142,11 @@ def dense_hessian(flat: FlatLoss, ctx: FitContext, damping: float, max_parameter
         raise NotApplicable(f"{flat.size:,} parameters exceed max_parameters={max_parameters:,} "
                             "for an explicit Hessian; restrict 'parameters' or use an iterative solver")
     model_order = tuple(name for name, _ in ctx.model.named_parameters())  # the closed form's flattening order
-    use_fast_path = ctx.exact_hessian is not None and flat.names == tuple(ctx.params) == model_order
-    hessian = ctx.exact_hessian() if use_fast_path else full_hessian(flat, ctx.train, ctx.l2)
-    info["closed_form_hessian"] = float(use_fast_path)
+    closed_form = None
+    if ctx.exact_hessian is not None and flat.names == tuple(ctx.params) == model_order:
+        closed_form = ctx.exact_hessian()  # None where the task has no closed form (every non-convex task)
+    hessian = closed_form if closed_form is not None else full_hessian(flat, ctx.train, ctx.l2)
+    info["closed_form_hessian"] = float(closed_form is not None)
     if damping:
         hessian = hessian + damping * torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
     return hessian

@@ -48,6 +48,22 @@ def test_autodiff_hessian_path_equals_closed_form(toy):
     torch.testing.assert_close(generic, closed, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["if-exact", "group-if-1", "gif"])
+def test_a_task_without_a_closed_form_hessian_gets_the_autodiff_one(toy, name):
+    """Every non-convex task's context offers ``exact_hessian`` returning None (no closed form): the dense
+    Hessian estimators fall back to autodiff on all parameters and agree with the closed form."""
+    import dataclasses
+
+    cls = default_registries(entry_points=False).estimators.get(name)
+    no_closed_form = dataclasses.replace(toy.ctx, exact_hessian=lambda: None)
+    fallback, closed = cls(cls.Config()), cls(cls.Config())
+    fallback.fit(no_closed_form)
+    closed.fit(toy.ctx)
+    assert fallback.diagnostics()["closed_form_hessian"] == 0.0 and closed.diagnostics()["closed_form_hessian"] == 1.0
+    torch.testing.assert_close(fallback.score(toy.queries, toy.train_idx), closed.score(toy.queries, toy.train_idx),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_cg_and_lissa_converge_to_exact(toy):
     exact = fitted(ExactInfluence, toy).score(toy.queries, toy.train_idx)
     cg = fitted(CgInfluence, toy, CgConfig(tol=1e-10)).score(toy.queries, toy.train_idx)

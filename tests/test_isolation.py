@@ -65,7 +65,7 @@ MISBEHAVING = textwrap.dedent('''
 REASONS = {
     "zz-exit": "the estimator ended its worker process (exit code 3)",
     "zz-hang": "exceeded the time limit (cell_timeout_s = 10 s)",
-    "zz-hog": "exceeded the cell memory cap (cell_memory_mb = 2000;",
+    "zz-hog": "exceeded the memory cap (cell_memory_mb = 2000;",
     "zz-sigkill": "the worker was killed by SIGKILL",
     "zz-segfault": "the worker crashed with SIGSEGV (segmentation fault)",
 }
