@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--out", type=Path, help="markdown file to write, figures beside it (default: RESULTS/leaderboard.md)")
     board.add_argument("--no-figures", action="store_true")
     board.add_argument("--records", action="store_true",
-                       help="also write the records shown (latest per cell) as records.jsonl beside --out")
+                       help="also write the records shown (latest per cell) as records.jsonl beside --out "
+                       "(and the profile's measurements, profile.json, where there are some)")
 
     speed = sub.add_parser("throughput", help="warm retrains per second: one model at a time vs stacked")
     speed.add_argument("--tasks", nargs="+", default=["mnist-resnet", "rt-bert"], help="SGD-trained tasks")
@@ -178,12 +179,17 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     out = write_leaderboard(args.results, args.out or args.results / "leaderboard.md", with_figures=not args.no_figures)
     if args.records:
         import json
+        import shutil
 
+        from bench import scaling
         from bench.pooling import select_latest
         from bench.store import ResultsStore
 
         shown = select_latest(ResultsStore(args.results).records())
         (out.parent / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in shown))
+        profile = args.results / scaling.PROFILE_FILE
+        if profile.exists() and profile.resolve() != (out.parent / scaling.PROFILE_FILE).resolve():
+            shutil.copyfile(profile, out.parent / scaling.PROFILE_FILE)  # the scaling section's measurements
     print(f"ifbench: wrote {out}", file=sys.stderr)
     return 0
 

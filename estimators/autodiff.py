@@ -93,11 +93,17 @@ def hvp_operator(flat: FlatLoss, split: Split, l2: float, *, chunk: int = 1024,
     return matvec
 
 
-def full_hessian(flat: FlatLoss, split: Split, l2: float, *, chunk: int = 256) -> Tensor:
-    """(1/n) Σ ∇²ℓ_i + l2·I as a dense ``[P, P]`` matrix (small models only)."""
+def full_hessian(flat: FlatLoss, split: Split, l2: float, *, chunk: int = 256, columns: int = 64) -> Tensor:
+    """(1/n) Σ ∇²ℓ_i + l2·I as a dense ``[P, P]`` matrix (small models only), ``columns`` Hessian columns at a
+    time (forward-over-reverse HVPs with basis vectors, batched by ``vmap``) over ``chunk`` examples at a
+    time: memory grows with ``columns`` × a chunk's activations, not with P × them as ``torch.func.hessian``."""
     theta = flat.theta()
     total = l2 * torch.eye(flat.size, dtype=theta.dtype, device=theta.device)
+    basis = torch.eye(flat.size, dtype=theta.dtype, device=theta.device)
     for i in range(0, len(split), chunk):
         inputs, targets = split.inputs[i : i + chunk], split.targets[i : i + chunk]
-        total = total + torch.func.hessian(lambda t, x=inputs, y=targets: flat.batch_losses(t, x, y).sum())(theta) / len(split)
+        gradient = grad(lambda t, x=inputs, y=targets: flat.batch_losses(t, x, y).sum())
+        column_block = vmap(lambda v, g=gradient: jvp(g, (theta,), (v,))[1])
+        for j in range(0, flat.size, columns):
+            total[j : j + columns] += column_block(basis[j : j + columns]) / len(split)
     return total

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -31,6 +32,15 @@ def test_hvp_operator_matches_dense_hessian():
     vectors = torch.randn(4, flat.size, dtype=torch.float64)
     torch.testing.assert_close(hvp_operator(flat, split, 0.3, chunk=6)(vectors), vectors @ dense)
     torch.testing.assert_close(dense, dense.T)
+
+
+@pytest.mark.parametrize("columns", [1, 7, 10_000])
+def test_dense_hessian_in_column_blocks_is_torch_func_hessian(columns):
+    _, _, split, flat = tiny_mlp_problem()
+    theta = flat.theta()
+    reference = torch.func.hessian(lambda t: flat.batch_losses(t, split.inputs, split.targets).mean())(theta)
+    reference = reference + 0.3 * torch.eye(flat.size, dtype=theta.dtype)
+    torch.testing.assert_close(full_hessian(flat, split, l2=0.3, chunk=5, columns=columns), reference)
 
 
 def test_parameter_subset_restricts_the_hessian():

@@ -60,6 +60,15 @@ def test_cli_publishes_only_the_records_shown(tmp_path):
     published = [json.loads(line) for line in (out.parent / "records.jsonl").read_text().splitlines()]
     assert len(published) == 10  # eleven records, two of them for one cell
     assert [r["metrics"]["pearson"] for r in published if r["estimator"] == "random" and r["protocol"] == "loo"] == [0.02]
+    assert not (out.parent / "profile.json").exists() and "## Scaling profile" not in out.read_text()
+
+    from bench import scaling
+
+    scaling.save([scaling.Point("grad-dot", "n", 250, 7850, 0.01, 0.02, 5.0, repeats=3, n_queries=10)],
+                 scaling.SweepConfig(), results)
+    assert main(["leaderboard", "--results", str(results), "--out", str(out), "--no-figures", "--records"]) == 0
+    assert (out.parent / "profile.json").read_text() == (results / "profile.json").read_text()  # its measurements
+    assert "## Scaling profile" in out.read_text()
 
 
 def test_top_k_overlap_is_hidden_when_trivial():
