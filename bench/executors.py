@@ -17,7 +17,6 @@ import concurrent.futures
 import logging
 import multiprocessing
 import pickle
-import signal
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from bench.config import SCHEDULER_LOCAL, check_scheduler
+from bench.isolation import prepare_worker
 from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
 
 
@@ -116,17 +116,6 @@ class InProcess(Executor):
 _worker_problem: dict[str, RetrainProblem] = {}  # in a worker: the problem file last read, by path
 
 
-def _worker_start(plugins: Sequence[str]) -> None:
-    from bench.catalog import default_registries
-    from bench.environment import silence_known_warnings
-    from bench.isolation import die_with_parent
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
-    die_with_parent()
-    silence_known_warnings()
-    default_registries(plugins)
-
-
 def _run_from_file(path: str, chunk: RetrainChunk) -> ChunkResult:
     if path not in _worker_problem:
         _worker_problem.clear()
@@ -151,7 +140,7 @@ class LocalProcesses(Executor):
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=_worker_start, initargs=(self.plugins,))
+                                                      initializer=prepare_worker, initargs=(self.plugins,))
 
     def run(self, problem: RetrainProblem, chunks: Sequence[RetrainChunk]) -> Iterator[ChunkResult]:
         self._problems += 1

@@ -43,15 +43,21 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the worker
+def prepare_worker(plugins: Sequence[str]) -> None:
+    """A spawned worker's start: Ctrl-C left to the parent (which stops it), killed with the parent, known
+    warnings silenced, and plug-in modules imported under the names the parent's pickles refer to."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    try:
-        from bench.catalog import default_registries
-        from bench.environment import silence_known_warnings
+    from bench.catalog import default_registries
+    from bench.environment import silence_known_warnings
 
-        silence_known_warnings()
-        default_registries(plugins)  # plug-in modules under the names the parent's pickles refer to
+    silence_known_warnings()
+    default_registries(plugins)
+
+
+def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
+    try:
+        prepare_worker(plugins)
         job = pickle.loads(payload)
         for message in job.messages():
             conn.send(message)
