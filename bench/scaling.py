@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 from bench.context import fit_context
 from bench.profile import profiled
-from estimators.base import SINGLE, NotApplicable
+from estimators.autodiff import FlatLoss, hvp_operator
+from estimators.base import SINGLE, FitContext, NotApplicable
+from estimators.solvers import arnoldi_eigenpairs
 from tasks.logreg import MnistLogReg
 from tasks.resnet import MnistResNet
 
@@ -40,9 +42,12 @@ AXES = ("n", "Q", "P")
 #: Named scales the fitted lines are followed to: (axis, name, value).
 REFERENCE_SCALES = (("n", "CIFAR-10 (n = 50,000)", 50_000), ("n", "SST-2 (n = 67,349)", 67_349),
                     ("P", "ResNet-18 (P ≈ 11.2 M)", 11.2e6), ("P", "BERT-base (P ≈ 110 M)", 110e6))
-#: λ added to the Hessian on the P axis (Koh & Liang's damping for their CNN): the whole ResNet's Hessian has
-#: negative eigenvalues, on which CG stops and a Cholesky factorisation fails
-P_AXIS_DAMPING = 0.01
+#: On the P axis the objective gets a ridge that makes the whole ResNet's Hessian positive definite at θ̂ (it has
+#: negative eigenvalues, on which CG stops and a Cholesky factorisation fails) with condition number at most about
+#: this, so that iterative solvers meet comparable problems at every width (see :func:`convexifying_ridge`)
+P_AXIS_CONDITION = 100.0
+#: Lanczos (Arnoldi) steps that estimate the Hessian's extreme eigenvalues for the ridge
+RIDGE_ITERATIONS = 40
 MEMORY_LIMITS_MB = (("24 GiB", 24 * 1024), ("80 GiB", 80 * 1024))
 
 
@@ -56,13 +61,13 @@ class SweepConfig:
     n_train: tuple[int, ...] = (250, 500, 1000, 2000)
     n_queries: tuple[int, ...] = (10, 20, 40, 80)
     n_train_for_queries: int = 500
-    widths: tuple[int, ...] = (2, 4, 8)
-    n_train_for_widths: int = 400
+    widths: tuple[int, ...] = (1, 2, 4, 8)
+    n_train_for_widths: int = 200
     queries: int = 10  # on the n and P axes
     repeats: int = 3
     point_budget_s: float = 4.0
-    axis_stop_s: float = 45.0
-    point_timeout_s: float = 120.0
+    axis_stop_s: float = 20.0
+    point_timeout_s: float = 60.0
     #: a point whose worker holds more resident memory is stopped (half of a 24 GiB machine)
     point_memory_mb: float = 12_288.0
 
@@ -87,6 +92,8 @@ class Point:
     repeats: int = 0
     n_queries: int = 0
     width: int = 0
+    #: the ridge added to the objective's l2 at this point (P axis; see :func:`convexifying_ridge`)
+    ridge: float = 0.0
 
     @property
     def seconds(self) -> float | None:
@@ -117,17 +124,25 @@ def _sweep_tasks(axis: str, config: SweepConfig, seed: int) -> list[tuple[Any, i
 
 
 def _options(cls: type, task: Any, axis: str) -> Any:
-    """The estimator's default options; on the P axis, every parameter where it has a ``parameters`` option,
-    and :data:`P_AXIS_DAMPING` where it has an undamped ``damping`` (the whole network is not convex)."""
+    """The estimator's default options; on the P axis, every parameter where it has a ``parameters`` option."""
     config = cls.Config()
     fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
-    if axis != "P":
-        return config
-    if "parameters" in fields:
+    if axis == "P" and "parameters" in fields:
         config = dataclasses.replace(config, parameters=tuple(n for n, _ in task.build_model().named_parameters()))
-    if "damping" in fields and not config.damping:
-        config = dataclasses.replace(config, damping=P_AXIS_DAMPING)
     return config
+
+
+def convexifying_ridge(ctx: FitContext, *, iterations: int = RIDGE_ITERATIONS) -> float:
+    """λ ≥ 0 to add to the objective's l2 so that its Hessian H at θ̂, over every parameter, is positive definite
+    with condition number ≲ :data:`P_AXIS_CONDITION`: λ = 2·max(0, −μ_min) + μ_max / P_AXIS_CONDITION, with
+    μ_min, μ_max the extreme Ritz values of ``iterations`` Lanczos steps on full-data HVPs. Ritz values lie
+    inside H's spectrum and the extreme ones converge first, so μ_min overestimates λ_min(H) by little;
+    doubling the shift covers that."""
+    flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss)
+    values, _ = arnoldi_eigenpairs(hvp_operator(flat, ctx.train, ctx.l2), flat.size, like=flat.theta(),
+                                   iterations=min(iterations, flat.size), rank=flat.size, seed=ctx.seed)
+    low, high = float(values.min()), float(values.max())
+    return 2.0 * max(0.0, -low) + max(high, 0.0) / P_AXIS_CONDITION
 
 
 @dataclass(frozen=True)
@@ -143,16 +158,18 @@ class PointJob:
     config: SweepConfig
     seed: int
     threads: int
+    ridge: float = 0.0
 
     def messages(self) -> Iterator[tuple]:
         torch.set_num_threads(self.threads)
         ctx = fit_context(self.task, self.data, self.base, self.seed)
+        ctx = dataclasses.replace(ctx, l2=ctx.l2 + self.ridge)
         train_idx = torch.arange(len(self.data.train), device=self.task.device)
         for name, cls in self.estimators:
             yield ("start", (self.axis, name))
             point = _measure(name, cls, _options(cls, self.task, self.axis), ctx, self.data.queries, train_idx,
                              self.axis, _total(self.base), self.config)
-            yield ("record", (self.axis, name), dataclasses.replace(point, width=self.width))
+            yield ("record", (self.axis, name), dataclasses.replace(point, width=self.width, ridge=self.ridge))
 
 
 def _total(base: Any) -> int:
@@ -196,8 +213,10 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
                 continue
             data = task.load_data()
             base = task.train(data)
+            ridge = convexifying_ridge(fit_context(task, data, base, seed)) if axis == "P" else 0.0
             while todo:  # a worker stopped on one estimator goes on with the rest in a fresh one
-                job = PointJob(task, data, base, tuple(todo), axis, width, config, seed, torch.get_num_threads())
+                job = PointJob(task, data, base, tuple(todo), axis, width, config, seed, torch.get_num_threads(),
+                               ridge)
                 limits = CellLimits(config.point_timeout_s, config.point_memory_mb, timeout_option="point_timeout_s",
                                     memory_option="point_memory_mb")
                 messages = relay(job, plugins, limits) if isolate else job.messages()
@@ -211,7 +230,7 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
                     elif message[0] == "died":
                         name = message[1][1] if message[1] else todo[0][0]
                         keep(Point(name, axis, n_train, _total(base), note=f"stopped: {message[2]}",
-                                   n_queries=n_queries, width=width))
+                                   n_queries=n_queries, width=width, ridge=ridge))
                         todo = [item for item in todo if item[0] != name]
                         bar.update(1)
         bar.close()
@@ -271,12 +290,13 @@ class Slope:
 
 
 def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> Slope | None:
-    """The log–log least-squares line through ≥ 3 positive points (two would leave no interval)."""
+    """The log–log least-squares line through ≥ 2 positive points at distinct x; with two, the line through
+    them and no interval (``low`` and ``high`` NaN)."""
     pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if x and y and x > 0 and y > 0]
-    if len({x for x, _ in pairs}) < 3:
+    if len({x for x, _ in pairs}) < 2:
         return None
     result = stats.linregress([math.log(x) for x, _ in pairs], [math.log(y) for _, y in pairs])
-    half = stats.t.ppf(0.975, len(pairs) - 2) * result.stderr
+    half = stats.t.ppf(0.975, len(pairs) - 2) * result.stderr if len(pairs) > 2 else math.nan
     return Slope(result.slope, result.slope - half, result.slope + half, result.intercept, len(pairs))
 
 
@@ -348,13 +368,16 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
         f"{config['point_budget_s']:g} s) and the estimator's own memory, as n grows on "
         f"mnist-logreg (n = {', '.join(map(str, config['n_train']))}; P = 7,850){q_axis}; and as P grows on "
         f"mnist-resnet's whole network (widths {', '.join(map(str, config['widths']))}, "
-        f"n = {config['n_train_for_widths']}; estimators with a damping option get λ = {P_AXIS_DAMPING:g}, the whole "
-        "network not being convex). Each point ran in a worker process"
+        f"n = {config['n_train_for_widths']}; the whole network is not convex, so there the objective's l2 gets a "
+        f"ridge λ that makes its Hessian positive definite with condition number ≲ {P_AXIS_CONDITION:g}: twice the "
+        f"most negative Lanczos eigenvalue plus 1/{P_AXIS_CONDITION:g} of the largest{_ridges(points)}). "
+        "Each point ran in a worker process"
         + (f" stopped after {config['point_timeout_s']:g} s" if "point_timeout_s" in config else "")
         + "; a point slower than "
         + (f"{config['axis_stop_s']:g} s" if "axis_stop_s" in config else "the budget")
         + " or stopped ends that estimator's sweep along the axis. "
-        "Exponents are log–log least-squares slopes with 95% intervals (time ∝ nᵃ, ∝ Qᵇ, ∝ Pᶜ; memory ∝ nᵈ, ∝ Pᵉ); "
+        "Exponents are log–log least-squares slopes with 95% intervals (from two points: the line through them, no "
+        "interval; time ∝ nᵃ, ∝ Qᵇ, ∝ Pᶜ; memory ∝ nᵈ, ∝ Pᵉ); "
         "the extrapolations follow those lines far outside the measured range, so read them as orders of magnitude.",
         "",
         "| estimator | time ∝ nᵃ: a | time ∝ Qᵇ: b | time ∝ Pᶜ: c | memory ∝ nᵈ: d | memory ∝ Pᵉ: e | "
@@ -364,7 +387,11 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
     for estimator in dict.fromkeys(p.estimator for p in points):
         def shown(axis: str, kind: str, est: str = estimator) -> str:
             slope = slopes.get((est, axis, kind))
-            return f"{slope.slope:.2f} ({slope.low:.2f} – {slope.high:.2f})" if slope else "–"
+            if slope is None:
+                return "–"
+            if math.isnan(slope.low):
+                return f"{slope.slope:.2f} (2 points)"
+            return f"{slope.slope:.2f} ({slope.low:.2f} – {slope.high:.2f})"
 
         cells = []
         for axis, _, value in REFERENCE_SCALES:
@@ -395,6 +422,13 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
     if figures:
         lines += [*(f"![scaling profile]({figure})" for figure in figures), ""]
     return lines
+
+
+def _ridges(points: Sequence[Point]) -> str:
+    """``; λ = 0.12 at width 1, …`` from the P axis's points."""
+    by_width = {p.width: p.ridge for p in points if p.axis == "P" and p.ridge}
+    return ("; λ = " + ", ".join(f"{ridge:.3g} at width {width}" for width, ridge in sorted(by_width.items()))
+            if by_width else "")
 
 
 def _at(point: Point) -> str:

@@ -17,7 +17,33 @@ def test_slope_recovers_a_power_law_and_follows_it():
     assert slope.at(10_000) == pytest.approx(3.0 * 10_000**1.5)
     noisy = scaling.fit_slope(xs, [3.0 * x**1.5 * f for x, f in zip(xs, (1.1, 0.9, 1.05, 0.97), strict=True)])
     assert noisy.low < 1.5 < noisy.high and noisy.high - noisy.low > 0.01  # an interval, and it covers
-    assert scaling.fit_slope([1, 2], [1, 2]) is None  # two points leave no interval
+    two = scaling.fit_slope([10, 20], [1.0, 8.0])  # the line through them, without an interval
+    assert two.slope == pytest.approx(3.0) and math.isnan(two.low) and math.isnan(two.high)
+    assert scaling.fit_slope([10, 10], [1.0, 8.0]) is None and scaling.fit_slope([10], [1.0]) is None
+
+
+def test_the_p_axis_ridge_makes_the_whole_resnets_hessian_positive_definite():
+    import dataclasses
+
+    import torch
+
+    from bench.context import fit_context
+    from estimators.autodiff import FlatLoss
+    from estimators.influence import full_hessian
+    from tasks.resnet import MnistResNet
+
+    task = MnistResNet(dataclasses.replace(MnistResNet.presets["smoke"], n_train=100, n_test=50, n_queries=2,
+                                           width=1), seed=0)
+    data = task.load_data()
+    ctx = fit_context(task, data, task.train(data), seed=0)
+    ridge = scaling.convexifying_ridge(ctx)
+    flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss)
+    spectrum = torch.linalg.eigvalsh(full_hessian(flat, ctx.train, ctx.l2).double())
+    low, high = float(spectrum.min()), float(spectrum.max())
+    assert low < 0  # the case it is for: the trained ResNet is not convex
+    assert low + ridge > 0  # positive definite: the shift doubles a Ritz value that lies between low and 0
+    # Ritz values lie inside the spectrum: the ridge never exceeds its rule applied to the exact extremes
+    assert ridge <= 2 * -low + high / scaling.P_AXIS_CONDITION + 1e-6 * high
 
 
 SMALL = scaling.SweepConfig(n_train=(100, 200, 400), n_queries=(2, 4, 8), n_train_for_queries=100, widths=(1, 2, 4),
