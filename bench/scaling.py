@@ -49,6 +49,10 @@ P_AXIS_CONDITION = 100.0
 #: Lanczos (Arnoldi) steps that estimate the Hessian's extreme eigenvalues for the ridge
 RIDGE_ITERATIONS = 40
 MEMORY_LIMITS_MB = (("24 GiB", 24 * 1024), ("80 GiB", 80 * 1024))
+#: memory lines are fitted through points where the estimator added at least this much: a point's estimators
+#: run one after another in one worker, whose allocator hands later ones memory that earlier ones freed
+#: (measured: increments of 0–60 MB where the same estimator alone needs more), so smaller increments are noise
+MEMORY_FLOOR_MB = 64.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,9 @@ class SweepConfig:
     n_train_for_widths: int = 200
     queries: int = 10  # on the n and P axes
     repeats: int = 3
-    point_budget_s: float = 4.0
+    point_budget_s: float = 2.0
     axis_stop_s: float = 20.0
-    point_timeout_s: float = 60.0
+    point_timeout_s: float = 45.0
     #: a point whose worker holds more resident memory is stopped (half of a 24 GiB machine)
     point_memory_mb: float = 12_288.0
 
@@ -203,9 +207,12 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
                 if where in measured:
                     continue
                 stopped = _stopped_below(points, name, axis, config)
+                shared = _measured_on_the_other_logreg_axis(points, name, axis, n_train, n_queries)
                 if SINGLE not in cls.capabilities or stopped:
                     keep(Point(name, axis, n_train, 0, note=stopped or "no single scores", n_queries=n_queries,
                                width=width))
+                elif shared is not None:  # the same task and sizes: measured once, on both axes
+                    keep(dataclasses.replace(shared, axis=axis))
                 else:
                     todo.append((name, cls))
             bar.update(len(estimators) - len(todo))
@@ -235,6 +242,15 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
                         bar.update(1)
         bar.close()
     return points
+
+
+def _measured_on_the_other_logreg_axis(points: Sequence[Point], name: str, axis: str, n_train: int,
+                                       n_queries: int) -> Point | None:
+    """The n and Q axes share one point (n = ``n_train_for_queries`` with ``queries`` queries): its measurement."""
+    if axis not in ("n", "Q"):
+        return None
+    return next((p for p in points if p.estimator == name and p.axis in ("n", "Q") and p.axis != axis
+                 and (p.n_train, p.n_queries) == (n_train, n_queries) and p.seconds is not None), None)
 
 
 def _stopped_below(points: Sequence[Point], name: str, axis: str, config: SweepConfig) -> str:
@@ -301,13 +317,15 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> Slope | None:
 
 
 def fits(points: Sequence[Point]) -> dict[tuple[str, str, str], Slope]:
-    """``(estimator, axis, "time" | "memory")`` → slope; the x of axis P is the parameters the estimator used."""
+    """``(estimator, axis, "time" | "memory")`` → slope; the x of axis P is the parameters the estimator used.
+    Memory lines use only the points at or above :data:`MEMORY_FLOOR_MB`."""
     out = {}
     for estimator in dict.fromkeys(p.estimator for p in points):
         for axis in AXES:
             mine = [p for p in points if p.estimator == estimator and p.axis == axis and p.seconds is not None]
-            xs = [p.x() for p in mine]
-            for kind, ys in (("time", [p.seconds for p in mine]), ("memory", [p.own_mb for p in mine])):
+            sized = [p for p in mine if (p.own_mb or 0.0) >= MEMORY_FLOOR_MB]
+            for kind, xs, ys in (("time", [p.x() for p in mine], [p.seconds for p in mine]),
+                                 ("memory", [p.x() for p in sized], [p.own_mb for p in sized])):
                 slope = fit_slope(xs, ys)
                 if slope is not None:
                     out[estimator, axis, kind] = slope
@@ -377,7 +395,9 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
         + (f"{config['axis_stop_s']:g} s" if "axis_stop_s" in config else "the budget")
         + " or stopped ends that estimator's sweep along the axis. "
         "Exponents are log–log least-squares slopes with 95% intervals (from two points: the line through them, no "
-        "interval; time ∝ nᵃ, ∝ Qᵇ, ∝ Pᶜ; memory ∝ nᵈ, ∝ Pᵉ); "
+        "interval; time ∝ nᵃ, ∝ Qᵇ, ∝ Pᶜ; memory ∝ nᵈ, ∝ Pᵉ, through the points where the estimator added at least "
+        f"{MEMORY_FLOOR_MB:g} MB: a point's estimators share a worker, whose allocator lends later ones what earlier "
+        "ones freed, so smaller increments are noise; – where fewer than two such points); "
         "the extrapolations follow those lines far outside the measured range, so read them as orders of magnitude.",
         "",
         "| estimator | time ∝ nᵃ: a | time ∝ Qᵇ: b | time ∝ Pᶜ: c | memory ∝ nᵈ: d | memory ∝ Pᵉ: e | "

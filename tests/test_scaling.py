@@ -1,5 +1,6 @@
 """``ifbench profile``: log-log slopes, a small sweep end to end, resuming, a stopped point, the leaderboard section."""
 
+import dataclasses
 import math
 import textwrap
 
@@ -23,8 +24,6 @@ def test_slope_recovers_a_power_law_and_follows_it():
 
 
 def test_the_p_axis_ridge_makes_the_whole_resnets_hessian_positive_definite():
-    import dataclasses
-
     import torch
 
     from bench.context import fit_context
@@ -136,3 +135,25 @@ def test_profile_refuses_a_bad_axis(tmp_path, capsys):
     assert main(["profile", "--results", str(tmp_path / "p"), "--axes", "q"]) == 2
     assert "--axes must name some of n, Q, P, got q" in capsys.readouterr().err
     assert not (tmp_path / "p" / scaling.PROFILE_FILE).exists()
+
+
+def test_the_n_and_q_axes_measure_their_shared_point_once():
+    registry = default_registries(entry_points=False).estimators
+    config = scaling.SweepConfig(n_train=(100, 200), n_queries=(5, 10), n_train_for_queries=100, queries=5, repeats=1)
+    points = scaling.sweep([("grad-dot", registry.get("grad-dot"))], ["n", "Q"], config, progress=False, isolate=False)
+    on_n = {(p.n_train, p.n_queries): p for p in points if p.axis == "n"}
+    on_q = {(p.n_train, p.n_queries): p for p in points if p.axis == "Q"}
+    assert set(on_n) == {(100, 5), (200, 5)} and set(on_q) == {(100, 5), (100, 10)}
+    assert on_q[100, 5] == dataclasses.replace(on_n[100, 5], axis="Q")  # the same measurement, not a second one
+    assert on_q[100, 10].fit_s != on_n[100, 5].fit_s
+
+
+def test_memory_lines_leave_out_increments_below_the_floor():
+    at = {"axis": "n", "n_parameters": 7850, "fit_s": 1.0, "score_s": 1.0, "repeats": 1}
+    floor = scaling.MEMORY_FLOOR_MB
+    noisy = [scaling.Point("e", n_train=n, own_mb=mb, **at) for n, mb in ((250, 0.0), (500, 3.8), (1000, 2 * floor),
+                                                                         (2000, 4 * floor))]
+    slope = scaling.fits(noisy)["e", "n", "memory"]
+    assert slope.slope == pytest.approx(1.0) and slope.points == 2  # through the two sized points only
+    quiet = [dataclasses.replace(p, own_mb=min(p.own_mb, floor / 2)) for p in noisy]
+    assert ("e", "n", "memory") not in scaling.fits(quiet) and ("e", "n", "time") in scaling.fits(quiet)
