@@ -17,6 +17,11 @@ A suite file looks like::
 
     [estimator_options.if-lissa]    # per-estimator Config fields
     depth = 3000
+
+    [estimator_variants.if-cg-net]  # a second configuration under its own name, run as its own row
+    of = "if-cg"                    # the registered estimator, with its estimator_options, then these
+    tasks = ["mnist-resnet"]        # optional: the tasks it runs on (default: all)
+    parameters = ["*"]              # every parameter of the network
 """
 
 from __future__ import annotations
@@ -73,6 +78,17 @@ class ComponentSpec:
 
 
 @dataclass(frozen=True)
+class EstimatorVariant:
+    """A registered estimator (``of``) run under another ``name`` with ``options`` over the suite's options for
+    it, on ``tasks`` only (empty: every task)."""
+
+    name: str
+    of: str
+    tasks: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class SuiteConfig:
     """Everything that decides a run's numbers (plus where results go)."""
 
@@ -81,6 +97,7 @@ class SuiteConfig:
     protocols: tuple[ComponentSpec, ...]
     estimators: tuple[str, ...] = ("all",)
     estimator_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    estimator_variants: tuple[EstimatorVariant, ...] = ()
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
@@ -200,11 +217,29 @@ def parse_suite(data: Mapping[str, Any], source: str = "<suite>") -> SuiteConfig
         protocols=_component_list(data.get("protocols"), "protocols"),
         estimators=tuple(estimators),
         estimator_options=tuple(sorted((k, _freeze(v)) for k, v in est_options.items())),
+        estimator_variants=_variants(data.get("estimator_variants", {}), source),
     )
     scalars = {k: data[k] for k in ("seed", "device", "threads", "bootstrap_resamples", "top_k", "isolate",
                                     "cell_timeout_s", "cell_memory_mb", "workers", "scheduler") if k in data}
     suite = make_config(SuiteConfig, scalars, f"suite {source}", base=suite)
     return validate_suite(suite)
+
+
+def _variants(tables: Any, source: str) -> tuple[EstimatorVariant, ...]:
+    """``[estimator_variants.NAME]`` tables: ``of`` (required), ``tasks`` (optional), options."""
+    if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+        raise ConfigError(f"{source}: [estimator_variants.NAME] tables must hold of = \"ESTIMATOR\" and options")
+    variants = []
+    for name, table in sorted(tables.items()):
+        options = dict(table)
+        of, tasks = options.pop("of", None), options.pop("tasks", [])
+        if not isinstance(of, str) or not of:
+            raise ConfigError(f"{source}: estimator variant {name!r} needs of = \"ESTIMATOR\" (the registered "
+                              f"estimator it configures), got {of!r}")
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"{source}: estimator variant {name!r}: tasks must be a list of task names, got {tasks!r}")
+        variants.append(EstimatorVariant(name, of, tuple(tasks), _freeze(options)))
+    return tuple(variants)
 
 
 def validate_suite(suite: SuiteConfig) -> SuiteConfig:

@@ -101,6 +101,30 @@ def _not_applicable(record: dict[str, Any]) -> bool:
     return record.get("status") == "not-applicable" and record.get("reason", "capability") == "capability"
 
 
+def _variants_paragraph(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per estimator variant: which estimator it is and the options in which their configs differ
+    (taken from the records, so a variant run without its estimator lists its whole config)."""
+    variants = {r["estimator"]: r for r in rows if r.get("variant_of")}
+    if not variants:
+        return []
+    configs = {r["estimator"]: r.get("estimator_config") or {} for r in rows}
+    sentences = []
+    for name, record in sorted(variants.items()):
+        own, base = record.get("estimator_config") or {}, configs.get(record["variant_of"], {})
+        changed = {k: v for k, v in own.items() if base.get(k, object()) != v}
+        shown = ", ".join(f"{k} = {_option(v)}" for k, v in sorted(changed.items())) or "the same options"
+        sentences.append(f"`{name}` is `{record['variant_of']}` with {shown}")
+    return ["*Variants* (a second configuration of an estimator, in rows of their own): "
+            + "; ".join(sentences) + ".", ""]
+
+
+def _option(value: Any) -> str:
+    """An option as a reader writes it: ``*`` for every parameter, lists without quotes."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | None = None,
                     profile: list[str] = ()) -> str:
     """The leaderboard as markdown: a header, an overview, then one table per (task, protocol) (each cell's
@@ -148,6 +172,7 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         "ground truths besides the estimator). Resident size is sampled every 5 ms; memory the process already held "
         "and reuses adds nothing to *own MB*.",
         "",
+        *_variants_paragraph(rows),
     ]
     if len(groups) > 1:
         lines += render_overview(groups)

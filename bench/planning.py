@@ -15,6 +15,11 @@ class PlannedComponent:
     name: str
     cls: type
     config: Any
+    #: the tasks it runs on (empty: every task); an estimator variant may name some
+    tasks: tuple[str, ...] = ()
+
+    def runs_on(self, task: str) -> bool:
+        return not self.tasks or task in self.tasks
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,10 @@ def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
             if name not in suite_protocols:
                 raise ConfigError(f"task {spec.name!r} names protocol {name!r}, which the suite does not run "
                                   f"(suite protocols: {', '.join(suite_protocols)})")
-    names = registries.estimators.names() if "all" in suite.estimators else list(dict.fromkeys(suite.estimators))
-    registries.estimators.check(names)
+    variants = _planned_variants(suite, registries)
+    names = ([*registries.estimators.names(), *variants] if "all" in suite.estimators
+             else list(dict.fromkeys(suite.estimators)))
+    registries.estimators.check(name for name in names if name not in variants)
     # options may name any registered estimator (a run narrowed with --estimators keeps the suite's options);
     # they are validated all the same
     registries.estimators.check(name for name, _ in suite.estimator_options)
@@ -69,9 +76,33 @@ def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
         tasks.append(PlannedTask(spec, cls, config, _task_protocols(spec, protocols)))
     estimators = []
     for name in names:
+        if name in variants:
+            estimators.append(variants[name])
+            continue
         cls = registries.estimators.get(name)
         estimators.append(PlannedComponent(name, cls, make_config(cls.Config, suite.options_for(name), f"estimator {name}")))
     return Plan(suite, tuple(tasks), tuple(protocols), tuple(estimators))
+
+
+def _planned_variants(suite: SuiteConfig, registries: Registries) -> dict[str, PlannedComponent]:
+    """Each ``[estimator_variants.NAME]``: its estimator's class and config (the suite's options for that
+    estimator, then the variant's own), checked like any other."""
+    planned = {}
+    for variant in suite.estimator_variants:
+        if variant.name in registries.estimators:
+            raise ConfigError(f"estimator variant {variant.name!r} is already a registered estimator's name: "
+                              "give the variant a name of its own")
+        if variant.of not in registries.estimators:
+            raise ConfigError(f"estimator variant {variant.name!r}: of = {variant.of!r} is not a registered "
+                              f"estimator. {registries.estimators.unknown_message(variant.of)}")
+        unknown = [task for task in variant.tasks if task not in registries.tasks]
+        if unknown:  # a task the suite does not run is fine (a run narrowed with --tasks), an unknown one is not
+            raise ConfigError(f"estimator variant {variant.name!r}: {registries.tasks.unknown_message(unknown[0])}")
+        cls = registries.estimators.get(variant.of)
+        base = make_config(cls.Config, suite.options_for(variant.of), f"estimator {variant.of}")
+        config = make_config(cls.Config, dict(variant.options), f"estimator variant {variant.name}", base=base)
+        planned[variant.name] = PlannedComponent(variant.name, cls, config, variant.tasks)
+    return planned
 
 
 def _task_protocols(spec: ComponentSpec, protocols: list[PlannedComponent]) -> tuple[PlannedComponent, ...]:

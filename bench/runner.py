@@ -100,7 +100,7 @@ class Runner:
         task_key = stable_hash("task", name, planned.cls.version, planned.config, task_seed, self.device.type,
                                suite.threads, *(("base model", base_model) if base_model else ()))
         protocols = list(planned.protocols)
-        cells = [(p, e) for p in protocols for e in self.plan.estimators]
+        cells = [(p, e) for p in protocols for e in self.plan.estimators if e.runs_on(name)]
         predictions = {(p.name, e.name): self._prediction_key(task_key, p, e) for p, e in cells}
         keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
         pending = [(p, e) for p, e in cells if keys[p.name, e.name] not in done]
@@ -294,6 +294,7 @@ class Runner:
             "cell_key": cell_key, "suite": self.suite.name, "task": planned.spec.name, "preset": planned.spec.preset,
             "base_model": base_model, "base_models": planned.spec.base_models,
             "protocol": protocol_plan.name, "estimator": est.name, "status": "failed", "error": None,
+            **({"variant_of": est.cls.name} if est.name != getattr(est.cls, "name", est.name) else {}),
             "metrics": {}, "ci": {},
             "config_hash": stable_hash(planned.config, protocol_plan.config, est.config, self.suite.seed),
             "estimator_config": _plain(est.config), "task_config": _plain(planned.config),

@@ -15,11 +15,14 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from tasks.base import Params, Split
 
+#: a ``parameters`` option of just this selects every parameter of the model (the whole network)
+ALL_PARAMETERS = "*"
+
 
 def select_parameters(params: Params, names: Sequence[str] | None) -> tuple[str, ...]:
     """Parameter names matching ``names`` exactly or as a dotted prefix (``"fc"`` → ``fc.weight``,
-    ``fc.bias``), in model order; None or empty selects all."""
-    if not names:
+    ``fc.bias``), in model order; None, empty or ``("*",)`` selects all."""
+    if not names or tuple(names) == (ALL_PARAMETERS,):
         return tuple(params)
     chosen = tuple(p for p in params if any(p == n or p.startswith(n + ".") for n in names))
     unmatched = [n for n in names if not any(p == n or p.startswith(n + ".") for p in params)]
