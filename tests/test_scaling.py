@@ -18,6 +18,9 @@ def test_slope_recovers_a_power_law_and_follows_it():
     assert slope.at(10_000) == pytest.approx(3.0 * 10_000**1.5)
     noisy = scaling.fit_slope(xs, [3.0 * x**1.5 * f for x, f in zip(xs, (1.1, 0.9, 1.05, 0.97), strict=True)])
     assert noisy.low < 1.5 < noisy.high and noisy.high - noisy.low > 0.01  # an interval, and it covers
+    low, high = noisy.span(10_000)  # the interval's slopes through the points' centre, far outside the range
+    assert low < noisy.at(10_000) < high and low < 3.0 * 10_000**1.5 < high
+    assert slope.span(10_000) == pytest.approx((slope.at(10_000), slope.at(10_000)))
     two = scaling.fit_slope([10, 20], [1.0, 8.0])  # the line through them, without an interval
     assert two.slope == pytest.approx(3.0) and math.isnan(two.low) and math.isnan(two.high)
     assert scaling.fit_slope([10, 10], [1.0, 8.0]) is None and scaling.fit_slope([10], [1.0]) is None
