@@ -61,9 +61,9 @@ MEMORY_FLOOR_MB = 64.0
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The default sweep took 17 minutes on 2 CPU cores (one run, 17:04 wall clock). Repeats stop once a point has taken ``point_budget_s`` (at least one runs); a point slower than
-    ``axis_stop_s`` (one repeat's fit + score), or stopped at ``point_timeout_s``, ends the estimator's sweep
-    along the axis."""
+    """The default sweep took 17 minutes on 2 CPU cores (one run, 17:04 wall clock). Repeats stop once a point
+    has taken ``point_budget_s`` (at least one runs); a point slower than ``axis_stop_s`` (one repeat's fit +
+    score), or stopped at ``point_timeout_s``, ends the estimator's sweep along the axis."""
 
     n_train: tuple[int, ...] = (250, 500, 1000, 2000)
     n_queries: tuple[int, ...] = (10, 20, 40, 80)
