@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from bench.context import fit_context
 from bench.profile import profiled
-from estimators.autodiff import FlatLoss, hvp_operator
+from estimators.autodiff import ALL_PARAMETERS, FlatLoss, hvp_operator
 from estimators.base import SINGLE, FitContext, NotApplicable
 from estimators.solvers import arnoldi_eigenpairs
 from tasks.logreg import MnistLogReg
@@ -130,12 +130,12 @@ def _sweep_tasks(axis: str, config: SweepConfig, seed: int) -> list[tuple[Any, i
             for width in config.widths]
 
 
-def _options(cls: type, task: Any, axis: str) -> Any:
+def _options(cls: type, axis: str) -> Any:
     """The estimator's default options; on the P axis, every parameter where it has a ``parameters`` option."""
     config = cls.Config()
     fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
     if axis == "P" and "parameters" in fields:
-        config = dataclasses.replace(config, parameters=tuple(n for n, _ in task.build_model().named_parameters()))
+        config = dataclasses.replace(config, parameters=(ALL_PARAMETERS,))
     return config
 
 
@@ -174,7 +174,7 @@ class PointJob:
         train_idx = torch.arange(len(self.data.train), device=self.task.device)
         for name, cls in self.estimators:
             yield ("start", (self.axis, name))
-            point = _measure(name, cls, _options(cls, self.task, self.axis), ctx, self.data.queries, train_idx,
+            point = _measure(name, cls, _options(cls, self.axis), ctx, self.data.queries, train_idx,
                              self.axis, _total(self.base), self.config)
             yield ("record", (self.axis, name), dataclasses.replace(point, width=self.width, ridge=self.ridge))
 

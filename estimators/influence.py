@@ -93,7 +93,8 @@ class InverseHvpInfluence(Estimator):
 
 @dataclass(frozen=True)
 class ExactConfig:
-    """``parameters``: names to restrict to (empty: all). ``damping`` adds to the task's l2."""
+    """``parameters``: names or dotted prefixes (empty: the task's default subset; ``["*"]``: every parameter).
+    ``damping`` adds to the task's l2."""
 
     damping: float = 0.0
     parameters: tuple[str, ...] = ()

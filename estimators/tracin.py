@@ -81,7 +81,7 @@ class GradientSimilarity(Estimator):
 @dataclass(frozen=True)
 class TracInConfig:
     """``checkpoints``: which saved checkpoints to trace (Python indices, negative from the end; empty:
-    all). ``parameters``: names or dotted prefixes (empty: the task's default subset)."""
+    all). ``parameters``: names or dotted prefixes (empty: the task's default subset; ``["*"]``: every parameter)."""
 
     checkpoints: tuple[int, ...] = ()
     parameters: tuple[str, ...] = ()
@@ -109,7 +109,7 @@ class TracIn(GradientSimilarity):
 
 @dataclass(frozen=True)
 class GradDotConfig:
-    """``parameters``: names or dotted prefixes (empty: the task's default subset)."""
+    """``parameters``: names or dotted prefixes (empty: the task's default subset; ``["*"]``: every parameter)."""
 
     parameters: tuple[str, ...] = ()
     grad_chunk: int = 64

@@ -45,7 +45,7 @@ def label_probability(outputs: Tensor, targets: Tensor) -> Tensor:
 class TrakConfig:
     """``projection_dim``: k (0, or ≥ the number of parameters: no projection). ``checkpoints``: up to how
     many of the latest saved training checkpoints (other than θ̂) join θ̂ in the ensemble. ``parameters``: names or dotted prefixes
-    (empty: the task's default subset)."""
+    (empty: the task's default subset; ``["*"]``: every parameter)."""
 
     projection_dim: int = 4096
     checkpoints: int = 0
