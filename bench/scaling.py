@@ -44,8 +44,8 @@ REFERENCE_SCALES = (("n", "n = 50,000 (CIFAR-10's)", 50_000), ("n", "n = 67,349 
 #: Why the P axis is not followed to ResNet-18's or BERT-base's size (shown under the table)
 NO_P_EXTRAPOLATION = (
     "The P lines are not followed to ResNet-18's 11 M or BERT-base's 110 M parameters: at the widths measured a "
-    "fixed cost per call dominates (per-example gradients grow linearly with P, yet grad-dot's P slope here is "
-    "{grad_dot}), so they would understate the cost there; they describe the measured range only.")
+    "fixed cost per call dominates{evidence}, so they would understate the cost there; they describe the measured "
+    "range only.")
 #: On the P axis the objective gets a ridge that makes the whole ResNet's Hessian positive definite at θ̂ (it has
 #: negative eigenvalues, on which CG stops and a Cholesky factorisation fails) with condition number at most about
 #: this, so that iterative solvers meet comparable problems at every width (see :func:`convexifying_ridge`)
@@ -308,10 +308,8 @@ class Slope:
 
     def at(self, x: float, slope: float | None = None) -> float:
         """The line at ``x``; with ``slope``, the line of that slope through the points' centre instead."""
-        if slope is None:
-            return math.exp(self.intercept + self.slope * math.log(x))
-        middle = self.intercept + self.slope * self.centre
-        return math.exp(middle + slope * (math.log(x) - self.centre))
+        slope = self.slope if slope is None else slope
+        return math.exp(self.intercept + self.slope * self.centre + slope * (math.log(x) - self.centre))
 
     def span(self, x: float) -> tuple[float, float]:
         """The values at ``x`` of the lines through the centre with the interval's slopes (low, high)."""
@@ -424,7 +422,6 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
         + " | ".join(f"{name}, *extrapolated*" for _, name, _ in REFERENCE_SCALES) + " |",
         "|---|---:|---:|---:|---:|---:|" + "---:|" * len(REFERENCE_SCALES),
     ]
-    grad_dot = slopes.get(("grad-dot", "P", "time"))
     for estimator in dict.fromkeys(p.estimator for p in points):
         def shown(axis: str, kind: str, est: str = estimator) -> str:
             slope = slopes.get((est, axis, kind))
@@ -450,8 +447,11 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
             cells.append(text)
         lines.append(f"| `{estimator}` | {shown('n', 'time')} | {shown('Q', 'time')} | {shown('P', 'time')} | "
                      f"{shown('n', 'memory')} | {shown('P', 'memory')} | " + " | ".join(cells) + " |")
-    if grad_dot is not None:
-        lines += ["", NO_P_EXTRAPOLATION.format(grad_dot=f"{grad_dot.slope:.2f}")]
+    if any(p.axis == "P" for p in points):
+        grad_dot = slopes.get(("grad-dot", "P", "time"))
+        evidence = (f" (per-example gradients grow linearly with P, yet grad-dot's P slope here is {grad_dot.slope:.2f})"
+                    if grad_dot is not None else "")
+        lines += ["", NO_P_EXTRAPOLATION.format(evidence=evidence)]
     notes = sorted({f"`{p.estimator}` on {p.axis} at {_at(p)}: {p.note}"
                     for p in points if p.note and p.note != "no single scores"})
     if notes:
