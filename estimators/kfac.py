@@ -6,7 +6,8 @@ unfolded into patches; averaged over examples and positions) and ``S`` that of t
 layer's outputs (summed over positions, averaged over examples). The gradients are *pseudo*-gradients
 ``√λ_c v_c`` back-propagated from each eigenpair of the loss' Hessian in the outputs, so S is the exact
 expectation over the model's predictive distribution (for cross-entropy, the true Fisher) without sampling
-labels. With ``A = Q_A Λ_A Q_Aᵀ`` and ``S = Q_S Λ_S Q_Sᵀ``, K-FAC's curvature in the Kronecker eigenbasis
+labels (``fisher = "empirical"``: the loss gradient at the observed label instead, the empirical Fisher).
+With ``A = Q_A Λ_A Q_Aᵀ`` and ``S = Q_S Λ_S Q_Sᵀ``, K-FAC's curvature in the Kronecker eigenbasis
 is ``Λ_S,i Λ_A,j``; EK-FAC replaces it by the true second moment of the per-example gradients in that basis,
 ``mean_z Σ_c ((Q_Sᵀ G_z,c Q_A)_ij)²``. The inverse-HVP of a layer gradient V (``[d_out, D]``) is
 ``Q_S [(Q_Sᵀ V Q_A) / (curvature + l2 + damping)] Q_Aᵀ``; scores are ``+(1/n) g_qᵀ H⁻¹ g_z`` summed over
@@ -23,22 +24,27 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, vmap
+from torch.func import functional_call, grad, hessian, vmap
 
 from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
 from tasks.base import Split
 
+FISHERS = ("true", "empirical")
+
 
 @dataclass(frozen=True)
 class KfacConfig:
     """``parameters``: names or dotted prefixes of the layers to cover (empty: every Linear and Conv2d layer
     of the model, i.e. the whole network). ``damping`` is added to the objective's own l2. ``max_parameters``
-    bounds the covered parameters (``parameters`` can pick fewer layers)."""
+    bounds the covered parameters (``parameters`` can pick fewer layers). ``fisher``: "true" (the exact
+    expectation over the model's predictive distribution) or "empirical" (the gradients at the observed labels,
+    as kronfluence's ``use_empirical_fisher``)."""
 
     parameters: tuple[str, ...] = ()
     damping: float = 0.0
+    fisher: str = "true"
     #: more covered parameters than this is not applicable (per-example gradients are materialised: on rt-bert's
     #: whole top layer, 1.8 M parameters, EK-FAC took 135 s to fit and 373 s and 12.7 GB to score LDS)
     max_parameters: int = 500_000
@@ -47,6 +53,8 @@ class KfacConfig:
     column_chunk: int = 128
 
     def __post_init__(self) -> None:
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {', '.join(map(repr, FISHERS))}, got {self.fisher!r}")
         if not self.damping >= 0 or min(self.batch_size, self.grad_chunk, self.column_chunk) < 1:
             raise ValueError(f"damping must be ≥ 0 and the chunk sizes ≥ 1, got damping={self.damping}, "
                              f"batch_size={self.batch_size}, grad_chunk={self.grad_chunk}, column_chunk={self.column_chunk}")
@@ -172,7 +180,8 @@ class KroneckerInfluence(Estimator):
 
     def _pseudo_gradients(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """Per training batch and covered layer: inputs ``[b, t, D]`` and the pseudo-gradients at its outputs
-        ``[C, b, t, d_out]`` (float64), one per eigenpair of the loss' Hessian in the model outputs."""
+        ``[C, b, t, d_out]`` (float64), one per eigenpair of the loss' Hessian in the model outputs (the true
+        Fisher), or the loss gradient alone (C = 1: the empirical Fisher)."""
         ctx, cfg = self.ctx, self.config
         params = {k: v.detach().requires_grad_(k in self.flat.names) for k, v in ctx.params.items()}
         store: dict[str, tuple[Tensor, Tensor]] = {}
@@ -189,9 +198,7 @@ class KroneckerInfluence(Estimator):
                 targets = ctx.train.targets[start : start + cfg.batch_size]
                 store.clear()
                 outputs = functional_call(ctx.model, params, (inputs,))
-                output_hessian = vmap(hessian(lambda o, t: ctx.loss(o[None], t[None])[0]))(outputs.detach(), targets)
-                eigenvalues, vectors = torch.linalg.eigh(output_hessian)  # [b, C], [b, C, C]
-                roots = vectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]  # columns √λ_c v_c
+                roots = self._output_roots(outputs.detach(), targets)
                 layer_outputs = [store[layer.name][1] for layer in self.layers]
                 per_class = [torch.autograd.grad(outputs, layer_outputs, grad_outputs=roots[:, :, c], retain_graph=True)
                              for c in range(roots.shape[2])]
@@ -201,6 +208,16 @@ class KroneckerInfluence(Estimator):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _output_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[b, K, C]``: columns whose outer products sum to the Fisher's per-example factor in the model
+        outputs: √λ_c v_c for each eigenpair of ∇²_out ℓ (true Fisher), or ∇_out ℓ alone (empirical, C = 1)."""
+        example_loss = lambda o, t: self.ctx.loss(o[None], t[None])[0]  # noqa: E731
+        if self.config.fisher == "empirical":
+            return vmap(grad(example_loss))(outputs, targets)[:, :, None]
+        output_hessian = vmap(hessian(example_loss))(outputs, targets)
+        eigenvalues, vectors = torch.linalg.eigh(output_hessian)  # [b, K], [b, K, K]
+        return vectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]
 
     def inverse_hvp(self, flat_grads: Tensor) -> Tensor:
         """``[B, P]`` → ``[B, P]``: the approximate ``H⁻¹ g`` layer by layer (float64)."""

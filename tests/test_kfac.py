@@ -116,3 +116,23 @@ def test_too_many_parameters_is_not_applicable(regression):
     ctx, _ = regression
     with pytest.raises(NotApplicable, match="15 parameters in the covered layers exceed max_parameters=10"):
         fitted(Kfac, ctx, max_parameters=10)
+
+
+def test_the_empirical_fisher_factors_are_moments_of_the_observed_label_gradients(toy):
+    """fisher = "empirical": S is the second moment of ∇_logits ℓ = softmax − onehot(y) at the observed labels,
+    and EK-FAC's eigenvalues are the mean squared per-example gradients in the Kronecker eigenbasis."""
+    ctx = toy.ctx
+    estimator = fitted(Ekfac, ctx, fisher="empirical")
+    (layer,) = estimator.layers
+    logits = torch.func.functional_call(ctx.model, ctx.params, (ctx.train.inputs,)).double()
+    delta = torch.softmax(logits, 1) - nn.functional.one_hot(ctx.train.targets, logits.shape[1]).double()
+    torch.testing.assert_close(layer.s_moment, delta.T @ delta / len(ctx.train))
+    rotated = layer.q_s.T @ layer.matrices(per_example_grads(estimator.flat, ctx.train).double()) @ layer.q_a
+    torch.testing.assert_close(layer.curvature, rotated.pow(2).mean(0))
+    true_fisher = fitted(Ekfac, ctx).layers[0]
+    assert not torch.allclose(true_fisher.s_moment, layer.s_moment, rtol=1e-3)  # the choice changes the factors
+
+
+def test_an_unknown_fisher_names_the_choices():
+    with pytest.raises(ValueError, match="fisher must be one of 'true', 'empirical', got 'sampled'"):
+        KfacConfig(fisher="sampled")
