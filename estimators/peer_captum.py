@@ -139,7 +139,9 @@ class CaptumArnoldiConfig:
 
 @registered("captum-arnoldi")
 class CaptumArnoldi(Estimator):
-    """captum's ArnoldiInfluenceFunction. Its Hessian is the *summed* loss' (n × ifbench's mean), so
+    """captum's ArnoldiInfluenceFunction: influence on H's top eigenpairs, found by Arnoldi iteration.
+
+    Its Hessian is the *summed* loss' (n × ifbench's mean), so
     ``hessian_reg = n·l2`` adds the objective's l2 (on the Krylov restriction, where Qᵀ(A + cI)Q = QᵀAQ + cI),
     and its scores ``g_qᵀ V (Λ + n·l2)⁻¹ Vᵀ g_z`` are ifbench's ``(1/n) g_qᵀ H⁻¹ g_z`` on the same top eigenspace.
     Traps handled: it loads θ̂ through a checkpoint *path* (a name here, with a load function that copies

@@ -177,8 +177,10 @@ class DattriLissaConfig:
 
 @registered("dattri-if-lissa")
 class DattriLissa(DattriInfluence):
-    """dattri's IFAttributorLiSSA (the same recursion as if-lissa; dattri draws a batch per query vector and
-    step, ifbench one per step for all queries). dattri's LiSSA has no regularization argument: the l2 term
+    """dattri's IFAttributorLiSSA: the stochastic Neumann series of if-lissa.
+
+    The same recursion as if-lissa; dattri draws a batch per query vector and step, ifbench one per step for
+    all queries. dattri's LiSSA has no regularization argument: the l2 term
     joins the loss whose Hessian it inverts, not the one whose gradients it scores."""
 
     Config: ClassVar[type] = DattriLissaConfig
@@ -209,7 +211,9 @@ class DattriTrakConfig:
 
 @registered("dattri-trak")
 class DattriTrak(Estimator):
-    """dattri's TRAKAttributor on θ̂ alone. dattri scores ``τ`` of the margin, with the gradients divided by √P
+    """dattri's TRAKAttributor on θ̂ alone, without projection by default.
+
+    dattri scores ``τ`` of the margin, with the gradients divided by √P
     and its ``regularization`` added to ΦᵀΦ; ``regularization = n·l2/P`` is ifbench's ridge n·l2 on the
     unscaled gradients, and ``scores = (1 − p_q)·τ`` turns the margin's change into the loss' (ifbench's trak).
     Trap handled: dattri updates its module-level default projector settings in place, so every setting is
