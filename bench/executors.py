@@ -55,7 +55,8 @@ class RetrainChunk:
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """``losses [len(removals), Q]``: each retrained model's per-query loss (the task's dtype, on the CPU)."""
+    """``losses [L, len(removals), Q]``: each retrained model's per-query loss (the task's dtype, on the CPU)
+    after each of the spec's ``L = len(spec.lengths)`` retraining lengths (1 without snapshots)."""
 
     key: tuple[int, int]
     losses: np.ndarray
@@ -65,12 +66,17 @@ class ChunkResult:
 def run_chunk(problem: RetrainProblem, chunk: RetrainChunk) -> ChunkResult:
     """Retrain one chunk and measure its query losses (the same function on every executor)."""
     torch.set_num_threads(problem.threads)
-    task, data = problem.task, problem.data
+    task, data, spec = problem.task, problem.data, chunk.spec
     model = task.build_model()
-    retrained = task.retrain_without(data, problem.base, list(chunk.removals), chunk.spec)
+    retrained = task.retrain_without(data, problem.base, list(chunk.removals), spec)
+    if all(len(r.snapshots) == len(spec.snapshots) for r in retrained):
+        earlier = [[r.snapshots[i] for r in retrained] for i in range(len(spec.snapshots))]
+    else:  # a task that keeps no snapshots: the shorter retrains run on their own
+        earlier = [[r.params for r in task.retrain_without(data, problem.base, list(chunk.removals), spec.at(steps))]
+                   for steps in spec.snapshots]
     with torch.no_grad():
-        losses = np.stack([task.per_example_loss(model, r.params, data.queries).cpu().numpy()
-                           for r in retrained])
+        losses = np.stack([np.stack([task.per_example_loss(model, params, data.queries).cpu().numpy() for params in row])
+                           for row in [*earlier, [r.params for r in retrained]]])
     norms = tuple(float(r.diagnostics["grad_norm"]) for r in retrained if "grad_norm" in r.diagnostics)
     return ChunkResult(chunk.key, losses, norms)
 

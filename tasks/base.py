@@ -129,16 +129,35 @@ RETRAIN_MODES = ("exact", "warm", "scratch")
 class RetrainSpec:
     """How to retrain: ``scratch`` (same recipe, seed and data order minus the removed
     points), ``warm`` (from θ̂ for ``steps`` SGD steps at ``lr_factor`` × the recipe's
-    rate), or ``exact`` (convex tasks: to the unique optimum; seed and steps unused)."""
+    rate), or ``exact`` (convex tasks: to the unique optimum; seed and steps unused).
+
+    ``snapshots`` (warm only): earlier step counts, increasing and below ``steps``, at which the run's
+    parameters are kept too. A warm run has a constant rate and its batch order does not depend on its
+    length, so the snapshot at s steps *is* the warm run of s steps (:meth:`at`): several retraining
+    lengths cost one run of the longest."""
 
     mode: str = "exact"
     seed: int = 0
     steps: int = 0
     lr_factor: float = 0.1
+    snapshots: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in RETRAIN_MODES:
             raise ValueError(f"unknown retrain mode {self.mode!r}. Valid modes: {', '.join(RETRAIN_MODES)}")
+        if self.snapshots and (self.mode != "warm" or list(self.snapshots) != sorted(set(self.snapshots))
+                               or not 0 < self.snapshots[0] <= self.snapshots[-1] < self.steps):
+            raise ValueError(f"snapshots must be increasing step counts in 1..{self.steps - 1} of a warm retrain, "
+                             f"got {self.snapshots} ({self.mode}, {self.steps} steps)")
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The step counts whose parameters the retrain yields: the snapshots, then ``steps``."""
+        return (*self.snapshots, self.steps)
+
+    def at(self, steps: int) -> RetrainSpec:
+        """The same retrain stopped after ``steps`` (no snapshots)."""
+        return RetrainSpec(self.mode, self.seed, steps, self.lr_factor)
 
 
 EXACT = RetrainSpec()
@@ -146,10 +165,12 @@ EXACT = RetrainSpec()
 
 @dataclass
 class Retrained:
-    """The parameters retrained without a set of points, with convergence diagnostics."""
+    """The parameters retrained without a set of points, with convergence diagnostics, and the parameters at
+    the spec's ``snapshots`` (in order; empty where the task does not keep them)."""
 
     params: Params
     diagnostics: dict[str, float] = field(default_factory=dict)
+    snapshots: tuple[Params, ...] = ()
 
 
 class Task(ABC):

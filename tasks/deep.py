@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from bench.seeding import derive_seed
 from tasks.base import EXACT, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
-from tasks.sgd import SgdRecipe, StackedForward, run_sgd, run_sgd_stacked, steps_per_epoch, vmapped_forward
+from tasks.sgd import SgdRecipe, Snapshots, StackedForward, run_sgd, run_sgd_stacked, steps_per_epoch, vmapped_forward
 
 
 class SgdTask(Task):
@@ -86,10 +86,13 @@ class SgdTask(Task):
             start, seed = self.trainable(self.initial_params(replicate)), derive_seed(replicate, "order")
             max_steps, lr = None, None
         if self.retrain_batch == 1:
-            return [Retrained(run_sgd(self.build_model(), start, data.train, self.loss, self.recipe, seed=seed,
-                                      exclude=exclude, max_steps=max_steps, constant_lr=lr)[0],
-                              {"steps": float(spec.steps)})
-                    for exclude in excludes]
+            lone = []
+            for exclude in excludes:
+                kept = Snapshots(spec.snapshots)
+                params, _ = run_sgd(self.build_model(), start, data.train, self.loss, self.recipe, seed=seed,
+                                    exclude=exclude, max_steps=max_steps, constant_lr=lr, after_step=kept)
+                lone.append(Retrained(params, {"steps": float(spec.steps)}, kept.ordered()))
+            return lone
         results: dict[int, Retrained] = {}
         by_size: dict[int, list[int]] = {}
         for i, exclude in enumerate(excludes):
@@ -98,8 +101,10 @@ class SgdTask(Task):
         for members in by_size.values():
             for first in range(0, len(members), self.retrain_batch):
                 stack = members[first : first + self.retrain_batch]
+                kept = Snapshots(spec.snapshots)
                 trained = run_sgd_stacked(forward, start, data.train, self.loss, self.recipe, seed=seed,
-                                          excludes=[excludes[i] for i in stack], max_steps=max_steps, constant_lr=lr)
-                results.update({i: Retrained(params, {"steps": float(spec.steps)})
-                                for i, params in zip(stack, trained, strict=True)})
+                                          excludes=[excludes[i] for i in stack], max_steps=max_steps, constant_lr=lr,
+                                          after_step=kept)
+                results.update({i: Retrained(params, {"steps": float(spec.steps)}, snapshots)
+                                for i, params, snapshots in zip(stack, trained, kept.members(len(stack)), strict=True)})
         return [results[i] for i in range(len(excludes))]

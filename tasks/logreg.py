@@ -22,7 +22,7 @@ from bench.seeding import derive_seed, rng
 from estimators.solvers import conjugate_gradient
 from tasks.base import EXACT, Checkpoint, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
 from tasks.datasets import load_mnist_5k
-from tasks.sgd import SgdRecipe, run_sgd, steps_per_epoch
+from tasks.sgd import SgdRecipe, Snapshots, run_sgd, steps_per_epoch
 from tasks.splits import check_finite, check_sizes, seeded_splits
 
 
@@ -197,11 +197,11 @@ class LogRegTask(Task):
         return steps_per_epoch(n_kept, self.trace_recipe().batch_size)
 
     def _warm(self, data: TaskData, base: TrainedModel, removed: Tensor, spec: RetrainSpec) -> Retrained:
-        recipe = self.trace_recipe()
+        recipe, kept = self.trace_recipe(), Snapshots(spec.snapshots)
         params, _ = run_sgd(self.build_model(), base.params, data.train, self.loss, recipe,
                             seed=self.warm_order_seed(spec), exclude=removed, max_steps=spec.steps,
-                            constant_lr=spec.lr_factor * recipe.lr)
-        return Retrained(params, {"steps": float(spec.steps)})
+                            constant_lr=spec.lr_factor * recipe.lr, after_step=kept)
+        return Retrained(params, {"steps": float(spec.steps)}, kept.ordered())
 
     def trace_checkpoints(self, data: TaskData) -> tuple[Checkpoint, ...]:
         """An exact solver leaves no training trajectory, so TracIn gets the checkpoints of a separate SGD

@@ -94,11 +94,13 @@ def run_sgd(
     max_steps: int | None = None,
     constant_lr: float | None = None,
     on_batch: Callable[[Tensor], None] | None = None,
+    after_step: Callable[[int, Params], None] | None = None,
 ) -> tuple[Params, tuple[Checkpoint, ...]]:
     """Train from ``params``; returns the final parameters and evenly spaced checkpoints.
 
     ``max_steps`` stops early (warm-start retraining); ``constant_lr`` replaces
-    the cosine schedule; ``on_batch(indices)`` sees every batch (for tests).
+    the cosine schedule; ``on_batch(indices)`` sees every batch (for tests);
+    ``after_step(steps_done, params)`` sees the parameters after every step (see :class:`Snapshots`).
     """
     current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     optimizer = torch.optim.SGD(current.values(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.l2)
@@ -119,7 +121,31 @@ def run_sgd(
         optimizer.step()
         if step + 1 in marks:
             checkpoints.append(Checkpoint({k: v.detach().clone() for k, v in current.items()}, lr, step + 1))
+        if after_step is not None:
+            after_step(step + 1, current)
     return {k: v.detach() for k, v in current.items()}, tuple(checkpoints)
+
+
+class Snapshots:
+    """An ``after_step`` hook keeping copies of the parameters after the given step counts; :meth:`members`
+    splits stacked parameters ``[M, ...]`` into one tuple of snapshots per member."""
+
+    def __init__(self, steps: Sequence[int]):
+        self.steps, self.kept = tuple(steps), {}
+
+    def __call__(self, steps_done: int, params: Params) -> None:
+        if steps_done in self.steps:
+            self.kept[steps_done] = {k: v.detach().clone() for k, v in params.items()}
+
+    def ordered(self) -> tuple[Params, ...]:
+        missing = [s for s in self.steps if s not in self.kept]
+        if missing:
+            raise RuntimeError(f"the run ended before snapshot steps {missing}")
+        return tuple(self.kept[s] for s in self.steps)
+
+    def members(self, count: int) -> list[tuple[Params, ...]]:
+        ordered = self.ordered()
+        return [tuple({k: v[m] for k, v in params.items()} for params in ordered) for m in range(count)]
 
 
 StackedForward = Callable[[Params, Tensor], Tensor]
@@ -142,13 +168,15 @@ def run_sgd_stacked(
     excludes: Sequence[Tensor],
     max_steps: int | None = None,
     constant_lr: float | None = None,
+    after_step: Callable[[int, Params], None] | None = None,
 ) -> list[Params]:
     """M = ``len(excludes)`` runs of :func:`run_sgd` trained together as one stacked model: member m starts
     from ``params``, skips ``excludes[m]`` and sees the batches it would see alone; the final parameters,
-    one dict per member (no checkpoints). Members leave out equally many points, so their batches align
-    (``[M, batch_size]`` indices each step). SGD with momentum and weight decay acts elementwise, so one optimizer over the
-    stacked tensors is M independent optimizers; the summed loss gives each member its own gradient.
-    Members equal lone runs up to float32 rounding (stacked kernels sum in another order)."""
+    one dict per member (no checkpoints; ``after_step`` sees the stacked parameters). Members leave out
+    equally many points, so their batches align (``[M, batch_size]`` indices each step). SGD with momentum
+    and weight decay acts elementwise, so one optimizer over the stacked tensors is M independent
+    optimizers; the summed loss gives each member its own gradient. Members equal lone runs up to float32
+    rounding (stacked kernels sum in another order)."""
     n, device = len(train), train.targets.device
     sizes = sorted({len(excluded) for excluded in excludes})
     if len(sizes) != 1:
@@ -169,4 +197,6 @@ def run_sgd_stacked(
         optimizer.zero_grad(set_to_none=True)
         per_example.mean(1).sum().backward()
         optimizer.step()
+        if after_step is not None:
+            after_step(step + 1, current)
     return [{k: v[m].detach().clone() for k, v in current.items()} for m in range(members)]

@@ -6,7 +6,9 @@ is visited; against a same-seed control run of the same length), for the same
 removals: single points (``group_size = 1``, leave-one-out) or seeded random
 groups, whose larger effects rise above the retraining noise of deep models.
 Predictions are the estimator's single scores (summed over a group, or its group
-scores), compared with each T separately; the headline is the mean over T.
+scores), compared with each T separately; the headline is the mean over T. Each removal
+is retrained once per seed, for the longest T: the shorter lengths are snapshots of that
+run, which equal separate runs of those lengths bit for bit (``RetrainSpec.snapshots``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
 
 @dataclass(frozen=True)
 class RetrainLengthConfig:
-    """``epochs``: the retraining lengths T swept (whole passes over the kept data, each ≥ 1);
+    """``epochs``: the retraining lengths T swept, increasing (whole passes over the kept data, each ≥ 1; one
+    warm run of the longest per removal and seed yields them all);
     ``n_removed`` removals of ``group_size`` random points each (1: leave-one-out); ``seeds`` for the
     noise ceiling."""
 
@@ -54,6 +57,9 @@ class RetrainLengthConfig:
             raise ValueError("epochs must list at least one retraining length")
         for epochs in self.epochs:
             check_warm_epochs(epochs)
+        if list(self.epochs) != sorted(set(self.epochs)):
+            raise ValueError(f"epochs must be increasing (one run of the longest keeps the shorter ones), got "
+                             f"{list(self.epochs)}")
         check_at_least("n_removed", self.n_removed, 2, "a correlation across removals needs two")
         check_at_least("group_size", self.group_size, 1)
         check_at_least("seeds", self.seeds, 1)
@@ -96,15 +102,16 @@ class RetrainLength(ScoreMatrixProtocol):
                 executor: Executor | None = None) -> GroundTruth:
         cfg = self.config
         groups = plan_removal_groups(len(data.train), cfg.n_removed, cfg.group_size, self.seed)
-        blocks, diagnostics, steps = [], {}, []
-        for epochs in cfg.epochs:
-            steps.append(warm_steps(task, len(data.train) - cfg.group_size, epochs))
-            specs = [RetrainSpec("warm", s, steps[-1], cfg.lr_factor) for s in range(cfg.seeds)]
-            deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
-                                                  base_reference, progress=progress, executor=executor,
-                                                  desc=f"retrain-length T={epochs:g} epochs [{task.name}]")
-            blocks.append(deltas)
-        stacked = np.concatenate(blocks, axis=2)  # [S, Q, T·R], T-major
+        steps = [warm_steps(task, len(data.train) - cfg.group_size, epochs) for epochs in cfg.epochs]
+        if len(set(steps)) < len(steps):
+            raise ValueError(f"retrain-length: epochs {list(cfg.epochs)} round to the same step counts {steps} on "
+                             f"{task.name}; choose lengths further apart")
+        # one warm run of the longest length per removal and seed, its shorter lengths kept on the way
+        specs = [RetrainSpec("warm", s, steps[-1], cfg.lr_factor, tuple(steps[:-1])) for s in range(cfg.seeds)]
+        stacked, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
+                                               base_reference, progress=progress, executor=executor,
+                                               desc=f"retrain-length T={', '.join(f'{e:g}' for e in cfg.epochs)} epochs "
+                                                    f"[{task.name}]")  # [S, Q, T·R], T-major
         extra = {"epochs": np.array(cfg.epochs, dtype=np.float64), "steps": np.array(steps), **pack_groups(groups)}
         return GroundTruth.from_seeds(self.name, np.array([], dtype=np.int64), stacked, diagnostics, extra)
 

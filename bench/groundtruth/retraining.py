@@ -58,18 +58,27 @@ def retrain_specs(task: Task, retrain: str, seeds: int, lr_factor: float, *, n_k
 def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor], specs: Sequence[RetrainSpec],
                     reference: Reference, *, progress: bool = True, desc: str = "retrains",
                     executor: Executor | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """``[len(specs), Q, len(removals)]`` query-loss changes: retrained without each removal, under each
-    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run). Removals go to the task
+    """``[len(specs), Q, L·len(removals)]`` query-loss changes: retrained without each removal, under each
+    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run of the same length). With
+    snapshots, each spec yields ``L = len(spec.lengths)`` retraining lengths (the same L for every spec),
+    length-major: columns ``[l·R, (l+1)·R)`` are the removals after the l-th length. Removals go to the task
     ``task.retrain_batch`` at a time (a stack trained together, see :meth:`Task.retrain_without`), each such
     chunk to ``executor`` (default: this process); the result does not depend on which executor ran it."""
     executor = executor or InProcess()
     model, queries = task.build_model(), data.queries
-    deltas = np.zeros((len(specs), len(queries), len(removals)))
-    reference_losses = []
+    lengths = {len(spec.lengths) for spec in specs}
+    if len(lengths) != 1:
+        raise ValueError(f"every spec of one ground truth must yield as many retraining lengths, got {sorted(lengths)}")
+    n_lengths, width = lengths.pop(), len(removals)
+    deltas = np.zeros((len(specs), len(queries), n_lengths * width))
+    reference_losses = []  # per spec: [L, Q]
     for spec in specs:
-        reference_params = reference(task, data, base, spec)  # may train: outside no_grad
-        with torch.no_grad():
-            reference_losses.append(task.per_example_loss(model, reference_params, queries).cpu().numpy())
+        per_length = []
+        for steps in spec.lengths:
+            reference_params = reference(task, data, base, spec.at(steps))  # may train: outside no_grad
+            with torch.no_grad():
+                per_length.append(task.per_example_loss(model, reference_params, queries).cpu().numpy())
+        reference_losses.append(np.stack(per_length))
     chunks = [RetrainChunk((s, start), spec, tuple(removals[start : start + task.retrain_batch]))
               for s, spec in enumerate(specs) for start in range(0, len(removals), task.retrain_batch)]
     problem = RetrainProblem(task, data, base, torch.get_num_threads())
@@ -77,9 +86,12 @@ def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Se
     bar = tqdm(total=len(specs) * len(removals), desc=desc, unit="retrain", disable=not progress, leave=False)
     for result in executor.run(problem, chunks):
         s, start = result.key
-        deltas[s, :, start : start + len(result.losses)] = (result.losses - reference_losses[s]).T
+        count = result.losses.shape[1]
+        for length, losses in enumerate(result.losses):
+            first = length * width + start
+            deltas[s, :, first : first + count] = (losses - reference_losses[s][length]).T
         grad_norms[result.key] = result.grad_norms
-        bar.update(len(result.losses))
+        bar.update(count)
     bar.close()
     diagnostics: dict[str, float] = {"seeds": float(len({spec.seed for spec in specs})),
                                      "exact_retraining": float(task.convex)}
