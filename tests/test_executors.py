@@ -15,7 +15,7 @@ import torch
 from bench.cli import main
 from bench.config import ConfigError, load_suite, with_overrides
 from bench.executors import InProcess, LocalProcesses
-from bench.groundtruth.retraining import base_reference, retrain_effects
+from bench.groundtruth.retraining import retrain_effects
 from tasks.base import RetrainSpec
 
 SUITE = textwrap.dedent("""
@@ -112,9 +112,9 @@ def test_stacked_warm_retrains_are_bit_identical_in_worker_processes():
     removals = [torch.tensor([i]) for i in range(11)]  # with retrain_batch 8: a full stack and a partial one
     specs = [RetrainSpec("warm", s, 6, 0.1) for s in range(2)]
     assert task.retrain_batch == 8
-    alone, _ = retrain_effects(task, data, base, removals, specs, base_reference, progress=False, executor=InProcess())
+    alone, _ = retrain_effects(task, data, base, removals, specs, progress=False, executor=InProcess())
     with LocalProcesses(2) as pool:
-        spread, _ = retrain_effects(task, data, base, removals, specs, base_reference, progress=False, executor=pool)
+        spread, _ = retrain_effects(task, data, base, removals, specs, progress=False, executor=pool)
     assert alone.shape == (2, 6, 11) and np.abs(alone).max() > 0
     assert np.array_equal(alone, spread)
 

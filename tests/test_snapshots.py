@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.groundtruth.retrain_length import RetrainLengthConfig
-from bench.groundtruth.retraining import base_reference, retrain_effects
+from bench.groundtruth.retraining import retrain_effects
 from tasks.base import RetrainSpec
 from tasks.logreg import ToyLogReg
 from tasks.resnet import MnistResNet
@@ -51,8 +51,8 @@ def test_retrain_effects_of_a_snapshot_spec_are_those_of_each_length_in_turn(tas
     base = task.train(data)
     removals = [torch.tensor([i]) for i in (0, 5, 9, 30)]
     specs = [RetrainSpec("warm", s, 9, 0.1, snapshots=(3, 6)) for s in range(2)]
-    together, _ = retrain_effects(task, data, base, removals, specs, base_reference, progress=False)
-    one_by_one = [retrain_effects(task, data, base, removals, [spec.at(steps) for spec in specs], base_reference,
+    together, _ = retrain_effects(task, data, base, removals, specs, progress=False)
+    one_by_one = [retrain_effects(task, data, base, removals, [spec.at(steps) for spec in specs],
                                   progress=False)[0] for steps in (3, 6, 9)]
     np.testing.assert_array_equal(together, np.concatenate(one_by_one, axis=2))
     assert np.abs(one_by_one[0] - one_by_one[2]).max() > 0  # three lengths, three different truths

@@ -36,7 +36,6 @@ from bench.groundtruth.base import (
     unpack_groups,
 )
 from bench.groundtruth.retraining import (
-    base_reference,
     check_at_least,
     check_retrain_mode,
     check_warm_epochs,
@@ -143,7 +142,7 @@ class GroupRemoval(ScoreMatrixProtocol):
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train),
                               epochs=cfg.warm_epochs)
         removals: list[Tensor] = [torch.as_tensor(g, dtype=torch.long) for g in plan.groups]
-        deltas, diagnostics = retrain_effects(task, data, base, removals, specs, base_reference,
+        deltas, diagnostics = retrain_effects(task, data, base, removals, specs,
                                               progress=progress, executor=executor, desc=f"group retrains [{task.name}]")
         extra = {**pack_groups(plan.groups), "kinds": plan.kinds, "fractions": plan.fractions}
         if specs[0].mode == "warm":

@@ -32,7 +32,6 @@ from bench.groundtruth.base import (
     unpack_groups,
 )
 from bench.groundtruth.retraining import (
-    base_reference,
     check_at_least,
     check_retrain_mode,
     check_warm_epochs,
@@ -95,7 +94,7 @@ class LinearDatamodelingScore(ScoreMatrixProtocol):
         specs = retrain_specs(task, cfg.retrain, cfg.seeds, cfg.warm_lr_factor, n_kept=len(data.train) - len(removed[0]),
                               epochs=cfg.warm_epochs)
         deltas, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(r) for r in removed], specs,
-                                              base_reference, progress=progress, executor=executor,
+                                              progress=progress, executor=executor,
                                               desc=f"lds retrains [{task.name}]")
         if specs[0].mode == "warm":
             diagnostics["warm_steps"] = float(specs[0].steps)

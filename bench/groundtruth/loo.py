@@ -25,7 +25,7 @@ import torch
 
 from bench.executors import Executor
 from bench.groundtruth.base import GroundTruth, ScoreMatrixProtocol
-from bench.groundtruth.retraining import base_reference, check_at_least, check_warm_epochs, retrain_effects, warm_steps
+from bench.groundtruth.retraining import check_at_least, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
@@ -75,7 +75,7 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
             steps = warm_steps(task, len(data.train) - 1, self.config.warm_epochs)
         specs = [RetrainSpec(self.mode, s, steps, self.config.warm_lr_factor) for s in range(self.n_seeds(task))]
         deltas, diagnostics = retrain_effects(task, data, base, [torch.tensor([i]) for i in removed], specs,
-                                              base_reference, progress=progress, executor=executor,
+                                              progress=progress, executor=executor,
                                               desc=f"{self.name} retrains [{task.name}]")
         if steps:
             diagnostics["warm_steps"] = float(steps)

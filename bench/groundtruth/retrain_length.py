@@ -32,7 +32,7 @@ from bench.groundtruth.base import (
     unpack_groups,
 )
 from bench.groundtruth.loo import plan_removals
-from bench.groundtruth.retraining import base_reference, check_at_least, check_warm_epochs, retrain_effects, warm_steps
+from bench.groundtruth.retraining import check_at_least, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -109,7 +109,7 @@ class RetrainLength(ScoreMatrixProtocol):
         # one warm run of the longest length per removal and seed, its shorter lengths kept on the way
         specs = [RetrainSpec("warm", s, steps[-1], cfg.lr_factor, tuple(steps[:-1])) for s in range(cfg.seeds)]
         stacked, diagnostics = retrain_effects(task, data, base, [torch.as_tensor(g) for g in groups], specs,
-                                               base_reference, progress=progress, executor=executor,
+                                               progress=progress, executor=executor,
                                                desc=f"retrain-length T={', '.join(f'{e:g}' for e in cfg.epochs)} epochs "
                                                     f"[{task.name}]")  # [S, Q, T·R], T-major
         extra = {"epochs": np.array(cfg.epochs, dtype=np.float64), "steps": np.array(steps), **pack_groups(groups)}

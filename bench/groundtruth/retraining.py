@@ -7,7 +7,7 @@ order of replicate s comes from the task's seed (and so from the suite's ``--see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,9 +18,6 @@ from bench.executors import Executor, InProcess, RetrainChunk, RetrainProblem
 from tasks.base import Params, RetrainSpec, Task, TaskData, TrainedModel
 
 RETRAIN_MODES = ("warm", "scratch")
-
-Reference = Callable[[Task, TaskData, TrainedModel, RetrainSpec], Params]
-
 
 def warm_steps(task: Task, n_kept: int, epochs: float) -> int:
     """SGD steps in ``epochs`` passes over ``n_kept`` points with the task's own batch size."""
@@ -56,10 +53,10 @@ def retrain_specs(task: Task, retrain: str, seeds: int, lr_factor: float, *, n_k
 
 
 def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor], specs: Sequence[RetrainSpec],
-                    reference: Reference, *, progress: bool = True, desc: str = "retrains",
+                    *, progress: bool = True, desc: str = "retrains",
                     executor: Executor | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """``[len(specs), Q, L·len(removals)]`` query-loss changes: retrained without each removal, under each
-    spec, minus the loss at ``reference(spec)`` (θ̂, or a same-seed control run of the same length). With
+    spec, minus the loss at its :func:`reference_params` (θ̂, or a same-seed control run of each length). With
     snapshots, each spec yields ``L = len(spec.lengths)`` retraining lengths (the same L for every spec),
     length-major: columns ``[l·R, (l+1)·R)`` are the removals after the l-th length. Removals go to the task
     ``task.retrain_batch`` at a time (a stack trained together, see :meth:`Task.retrain_without`), each such
@@ -73,12 +70,10 @@ def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Se
     deltas = np.zeros((len(specs), len(queries), n_lengths * width))
     reference_losses = []  # per spec: [L, Q]
     for spec in specs:
-        per_length = []
-        for steps in spec.lengths:
-            reference_params = reference(task, data, base, spec.at(steps))  # may train: outside no_grad
-            with torch.no_grad():
-                per_length.append(task.per_example_loss(model, reference_params, queries).cpu().numpy())
-        reference_losses.append(np.stack(per_length))
+        references = reference_params(task, data, base, spec)  # may train: outside no_grad
+        with torch.no_grad():
+            reference_losses.append(np.stack([task.per_example_loss(model, params, queries).cpu().numpy()
+                                              for params in references]))
     chunks = [RetrainChunk((s, start), spec, tuple(removals[start : start + task.retrain_batch]))
               for s, spec in enumerate(specs) for start in range(0, len(removals), task.retrain_batch)]
     problem = RetrainProblem(task, data, base, torch.get_num_threads())
@@ -101,11 +96,16 @@ def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Se
     return deltas, diagnostics
 
 
-def base_reference(task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> Params:
-    """The parameters Δ is measured against: θ̂ (exact), the same-seed control run (warm), or the
-    base model of the replicate's seed (scratch)."""
+def reference_params(task: Task, data: TaskData, base: TrainedModel, spec: RetrainSpec) -> list[Params]:
+    """The parameters Δ is measured against, one per retraining length of ``spec``: θ̂ (exact), the
+    same-seed control run removing nothing (warm; its snapshots give the shorter lengths), or the base
+    model of the replicate's seed (scratch)."""
     if spec.mode == "exact" or (task.convex and spec.mode == "scratch"):  # a convex task's scratch retrain is exact
-        return base.params
+        return [base.params]
     if spec.mode == "warm":
-        return task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0].params
-    return base.params if spec.seed == 0 else task.train(data, seed=task.replicate_seed(spec.seed)).params
+        control = task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0]
+        if len(control.snapshots) != len(spec.snapshots):  # a task that keeps no snapshots
+            return [task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec.at(steps))[0].params
+                    for steps in spec.snapshots] + [control.params]
+        return [*control.snapshots, control.params]
+    return [base.params if spec.seed == 0 else task.train(data, seed=task.replicate_seed(spec.seed)).params]
