@@ -34,6 +34,14 @@ PARAMETER_UPDATE = "parameter-update"  # Δθ for removing / relabelling a set
 SELF_INFLUENCE = "self-influence"  # influence of a point on itself
 
 
+def load_into(module: nn.Module, params: Params) -> nn.Module:
+    """Copy ``params`` into ``module``'s parameters of the same names, in place; returns ``module``."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.copy_(params[name])
+    return module
+
+
 @dataclass(frozen=True)
 class FitContext:
     """Everything an estimator may use, on one device and in the task's dtype.
@@ -68,6 +76,10 @@ class FitContext:
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
+
+    def model_at(self) -> nn.Module:
+        """A copy of the model holding θ̂ (for libraries that take a module, not parameters)."""
+        return load_into(copy.deepcopy(self.model), self.params)
 
     def in_dtype(self, dtype: torch.dtype) -> FitContext:
         """This context with the model, θ̂ and the training inputs in ``dtype`` (itself where they already are).

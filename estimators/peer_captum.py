@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.registry import registered
-from estimators.base import SINGLE, Estimator, FitContext, NotApplicable
+from estimators.base import SINGLE, Estimator, FitContext, NotApplicable, load_into
 from tasks.base import Checkpoint, Split
 
 
@@ -66,9 +66,7 @@ class CaptumTracIn(Estimator):
     @staticmethod
     def load_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> float:
         """captum's ``checkpoints_load_func``: our checkpoint's values into ``model``; its learning rate."""
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter.copy_(checkpoint.params[name])
+        load_into(model, checkpoint.params)
         return checkpoint.learning_rate
 
     def dataset(self, split: Split) -> torch.utils.data.TensorDataset:
@@ -144,8 +142,8 @@ class CaptumArnoldi(Estimator):
     Its Hessian is the *summed* loss' (n × ifbench's mean), so
     ``hessian_reg = n·l2`` adds the objective's l2 (on the Krylov restriction, where Qᵀ(A + cI)Q = QᵀAQ + cI),
     and its scores ``g_qᵀ V (Λ + n·l2)⁻¹ Vᵀ g_z`` are ifbench's ``(1/n) g_qᵀ H⁻¹ g_z`` on the same top eigenspace.
-    Traps handled: it loads θ̂ through a checkpoint *path* (a name here, with a load function that copies
-    ifbench's parameters), and it scores every training point (the columns are picked afterwards). Not
+    Traps handled: it loads θ̂ through a checkpoint *path* (a name here, with a load function that leaves the
+    model at θ̂), and it scores every training point (the columns are picked afterwards). Not
     handled: captum always sets aside its last Arnoldi vector, so where the Krylov space is exhausted before
     ``iterations`` (a Hessian with fewer distinct eigenvalues than that) it keeps one invariant direction fewer
     than there are (toy-logreg: 10 of 11, 67% off exact IF, where ifbench's arnoldi is exact)."""
@@ -163,16 +161,9 @@ class CaptumArnoldi(Estimator):
             raise NotApplicable("captum's Arnoldi attributes a whole model here; this task's estimators work on "
                                 f"{list(ctx.default_parameters)} (run on its head view)")
         self.ctx, cfg = ctx, self.config
-
-        def load_theta_hat(module: nn.Module, path: str) -> float:
-            with torch.no_grad():
-                for name, parameter in module.named_parameters():
-                    parameter.copy_(ctx.params[name])
-            return 1.0
-
         train = torch.utils.data.TensorDataset(ctx.train.inputs, ctx.train.targets)
         self.scorer = ArnoldiInfluenceFunction(
-            copy.deepcopy(ctx.model), train, "theta-hat", checkpoints_load_func=load_theta_hat,
+            ctx.model_at(), train, "theta-hat", checkpoints_load_func=lambda module, path: 1.0,  # already at θ̂
             loss_fn=_ReducedLoss(ctx.loss, "none"), batch_size=cfg.batch_size, projection_dim=cfg.rank,
             arnoldi_dim=cfg.iterations, arnoldi_tol=cfg.tolerance, seed=ctx.seed, hessian_reg=ctx.n_train * ctx.l2)
 

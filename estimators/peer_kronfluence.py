@@ -16,7 +16,6 @@ here: kronfluence replaces the model's Linear/Conv2d *submodules*, so a model th
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -79,11 +78,7 @@ class KronfluenceInfluence(Estimator):
             raise NotApplicable("the kronfluence adapters attribute a whole model; this task's estimators work on "
                                 f"{list(ctx.default_parameters)} (run on its head view)")
         self.ctx = ctx
-        model = copy.deepcopy(ctx.model)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter.copy_(ctx.params[name])
-        model = nn.Sequential(model).eval()  # kronfluence tracks submodules only
+        model = nn.Sequential(ctx.model_at()).eval()  # kronfluence tracks submodules only
         task = summed_loss_task(ctx.loss)
         self.folder = tempfile.TemporaryDirectory(prefix="ifbench-kronfluence-")
         self.analyzer = kronfluence.analyzer.Analyzer(
