@@ -30,7 +30,7 @@ from torch import Tensor
 
 from bench.config import SCHEDULER_LOCAL, check_scheduler
 from bench.isolation import prepare_worker
-from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
+from tasks.base import RetrainSpec, Task, TaskData, TrainedModel, retrain_at_lengths
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,10 @@ def run_chunk(problem: RetrainProblem, chunk: RetrainChunk) -> ChunkResult:
     torch.set_num_threads(problem.threads)
     task, data, spec = problem.task, problem.data, chunk.spec
     model = task.build_model()
-    retrained = task.retrain_without(data, problem.base, list(chunk.removals), spec)
-    if all(len(r.snapshots) == len(spec.snapshots) for r in retrained):
-        earlier = [[r.snapshots[i] for r in retrained] for i in range(len(spec.snapshots))]
-    else:  # a task that keeps no snapshots: the shorter retrains run on their own
-        earlier = [[r.params for r in task.retrain_without(data, problem.base, list(chunk.removals), spec.at(steps))]
-                   for steps in spec.snapshots]
+    retrained, by_length = retrain_at_lengths(task, data, problem.base, list(chunk.removals), spec)
     with torch.no_grad():
         losses = np.stack([np.stack([task.per_example_loss(model, params, data.queries).cpu().numpy() for params in row])
-                           for row in [*earlier, [r.params for r in retrained]]])
+                           for row in by_length])
     norms = tuple(float(r.diagnostics["grad_norm"]) for r in retrained if "grad_norm" in r.diagnostics)
     return ChunkResult(chunk.key, losses, norms)
 

@@ -77,6 +77,13 @@ class FitContext:
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
+    def require_whole_model(self, library: str) -> None:
+        """Refuse (not applicable) where the task's estimators work on a parameter subset: a library that
+        attributes a whole module runs where that subset is the module (logistic regression, a head view)."""
+        if self.default_parameters:
+            raise NotApplicable(f"{library} attributes a whole model; this task's estimators work on "
+                                f"{list(self.default_parameters)} (run on its head view)")
+
     def model_at(self) -> nn.Module:
         """A copy of the model holding θ̂ (for libraries that take a module, not parameters)."""
         return load_into(copy.deepcopy(self.model), self.params)

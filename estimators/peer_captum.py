@@ -57,9 +57,7 @@ class CaptumTracIn(Estimator):
         import_captum()
         if not ctx.checkpoints:
             raise NotApplicable("the task saved no training checkpoints to trace")
-        if ctx.default_parameters:
-            raise NotApplicable("captum traces a whole model here; this task's estimators work on "
-                                f"{list(ctx.default_parameters)} (run on its head view)")
+        ctx.require_whole_model("captum's TracIn")
         self.ctx = ctx
         self.model = copy.deepcopy(ctx.model)
 
@@ -157,9 +155,7 @@ class CaptumArnoldi(Estimator):
         import_captum()
         from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
 
-        if ctx.default_parameters:
-            raise NotApplicable("captum's Arnoldi attributes a whole model here; this task's estimators work on "
-                                f"{list(ctx.default_parameters)} (run on its head view)")
+        ctx.require_whole_model("captum's Arnoldi")
         self.ctx, cfg = ctx, self.config
         train = torch.utils.data.TensorDataset(ctx.train.inputs, ctx.train.targets)
         self.scorer = ArnoldiInfluenceFunction(

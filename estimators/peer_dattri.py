@@ -69,9 +69,7 @@ class DattriInfluence(Estimator):
 
     def fit(self, ctx: FitContext) -> None:
         self.functions, _, attribution_task = import_dattri()
-        if ctx.default_parameters:
-            raise NotApplicable("the dattri adapters attribute a whole model; this task's estimators work on "
-                                f"{list(ctx.default_parameters)} (run on its head view)")
+        ctx.require_whole_model("dattri")
         ctx = ctx.in_precision(self.config.dtype)
         self.ctx = ctx
         model, loss = ctx.model, ctx.loss
@@ -227,9 +225,7 @@ class DattriTrak(Estimator):
 
     def fit(self, ctx: FitContext) -> None:
         _, attributor_class, attribution_task = import_dattri()
-        if ctx.default_parameters:
-            raise NotApplicable("the dattri adapters attribute a whole model; this task's estimators work on "
-                                f"{list(ctx.default_parameters)} (run on its head view)")
+        ctx.require_whole_model("dattri's TRAK")
         self.ctx, model = ctx, ctx.model
 
         def one(function: Any) -> Any:

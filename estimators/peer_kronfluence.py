@@ -74,9 +74,7 @@ class KronfluenceInfluence(Estimator):
 
     def fit(self, ctx: FitContext) -> None:
         kronfluence = import_kronfluence()
-        if ctx.default_parameters:
-            raise NotApplicable("the kronfluence adapters attribute a whole model; this task's estimators work on "
-                                f"{list(ctx.default_parameters)} (run on its head view)")
+        ctx.require_whole_model("kronfluence")
         self.ctx = ctx
         model = nn.Sequential(ctx.model_at()).eval()  # kronfluence tracks submodules only
         task = summed_loss_task(ctx.loss)

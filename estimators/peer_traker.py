@@ -60,9 +60,7 @@ class TrakerTrak(Estimator):
 
     def fit(self, ctx: FitContext) -> None:
         trak = import_traker()
-        if ctx.default_parameters:
-            raise NotApplicable("traker attributes a whole model here; this task's estimators work on "
-                                f"{list(ctx.default_parameters)} (run on its head view)")
+        ctx.require_whole_model("traker")
         if ctx.train.targets.dtype != torch.long:
             raise NotApplicable("traker's image-classification margin needs class labels")
         self.ctx, self.scored = ctx, 0

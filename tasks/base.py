@@ -173,6 +173,19 @@ class Retrained:
     snapshots: tuple[Params, ...] = ()
 
 
+def retrain_at_lengths(task: Task, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
+                       spec: RetrainSpec) -> tuple[list[Retrained], list[list[Params]]]:
+    """``task.retrain_without`` under ``spec``, and the parameters after each of ``spec.lengths``,
+    ``[L][len(removals)]``: the retrains' snapshots, or, for a task that keeps none, the shorter retrains run
+    on their own (the same parameters, at more cost)."""
+    retrained = task.retrain_without(data, base, removals, spec)
+    if all(len(r.snapshots) == len(spec.snapshots) for r in retrained):
+        earlier = [[r.snapshots[i] for r in retrained] for i in range(len(spec.snapshots))]
+    else:
+        earlier = [[r.params for r in task.retrain_without(data, base, removals, spec.at(steps))] for steps in spec.snapshots]
+    return retrained, [*earlier, [r.params for r in retrained]]
+
+
 class Task(ABC):
     """A benchmark task. Subclasses set ``name``, ``Config``, ``presets`` and ``version``.
 

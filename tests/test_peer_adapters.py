@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.catalog import default_registries
-from estimators.base import FitContext
+from estimators.base import FitContext, NotApplicable
 from tasks.base import Split
 
 REGISTRY = default_registries(entry_points=False).estimators
@@ -84,3 +84,13 @@ def test_captum_arnoldi_follows_ours_where_its_krylov_space_is_not_exhausted():
     torch.testing.assert_close(peer.score(queries, columns), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     exact = fitted(REGISTRY.get("if-exact"), ctx).score(queries, columns)
     assert (exact - expected).abs().max() > 0.01 * exact.abs().max()  # rank 3 < P: the comparison is not exact IF's
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_an_adapter_on_a_parameter_subset_is_not_applicable_and_says_where_it_runs(toy, name):
+    cls = REGISTRY.get(name)
+    pytest.importorskip(IMPORT_NAME.get(cls.peer, cls.peer), reason=f"{cls.peer} is not installed (pip install 'ifbench[peers]')")
+    subset = dataclasses.replace(toy.ctx, default_parameters=("weight",))
+    with pytest.raises(NotApplicable, match=r"attributes a whole model; this task's estimators work on \['weight'\] "
+                                            r"\(run on its head view\)"):
+        cls().fit(subset)

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.executors import Executor, InProcess, RetrainChunk, RetrainProblem
-from tasks.base import Params, RetrainSpec, Task, TaskData, TrainedModel
+from tasks.base import Params, RetrainSpec, Task, TaskData, TrainedModel, retrain_at_lengths
 
 RETRAIN_MODES = ("warm", "scratch")
 
@@ -103,9 +103,6 @@ def reference_params(task: Task, data: TaskData, base: TrainedModel, spec: Retra
     if spec.mode == "exact" or (task.convex and spec.mode == "scratch"):  # a convex task's scratch retrain is exact
         return [base.params]
     if spec.mode == "warm":
-        control = task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec)[0]
-        if len(control.snapshots) != len(spec.snapshots):  # a task that keeps no snapshots
-            return [task.retrain_without(data, base, [torch.tensor([], dtype=torch.long)], spec.at(steps))[0].params
-                    for steps in spec.snapshots] + [control.params]
-        return [*control.snapshots, control.params]
+        _, by_length = retrain_at_lengths(task, data, base, [torch.tensor([], dtype=torch.long)], spec)
+        return [params for (params,) in by_length]
     return [base.params if spec.seed == 0 else task.train(data, seed=task.replicate_seed(spec.seed)).params]
