@@ -332,9 +332,15 @@ def test_ctrl_c_prints_one_line_and_keeps_finished_cells(setup):
 
     suite, plugin, results = setup
     env = {**os.environ, "IFBENCH_TEST_SLEEP": "1"}
+
+    def default_sigint() -> None:
+        # A background job of a non-interactive shell (`pytest &`, nohup) starts with SIGINT ignored, and its
+        # children inherit that: Python then installs no KeyboardInterrupt handler, as a program should not.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", str(suite), "--results", str(results),
                                 "--plugin", str(plugin), "--estimators", "random", "zz-sleep", "--no-progress"],
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     while not (results / "records.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)  # random's cell is written; zz-sleep is now sleeping in its score
