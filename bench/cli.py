@@ -27,10 +27,20 @@ def _names(values: Sequence[str] | None) -> list[str] | None:
     return [part for value in values for part in value.split(",") if part]
 
 
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ifbench")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ifbench", description="Benchmark training-data influence estimators "
                                      "against leave-out-and-retrain ground truth.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite (resumes: finished cells are skipped)")
@@ -170,15 +180,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for title, registry in (("estimators", registries.estimators), ("tasks", registries.tasks),
                             ("protocols", registries.protocols)):
         print(f"{title}:")
+        width = max(map(len, registry.names()), default=0)
         for name in registry.names():
             obj = registry.get(name)
-            doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+            doc = (obj.__doc__ or "").strip().splitlines()[0].replace("``", "") if obj.__doc__ else ""
             extra = f"  [{registry.origin(name)}]" if registry.origin(name) != "built-in" else ""
-            print(f"  {name:<14} {doc}{extra}")
+            print(f"  {name:<{width}}  {doc}{extra}")
             if hasattr(obj, "capabilities"):
-                print(f"  {'':<14} provides: {', '.join(sorted(obj.capabilities))}")
+                print(f"  {'':<{width}}  provides: {', '.join(sorted(obj.capabilities))}")
             if getattr(obj, "peer", ""):
-                print(f"  {'':<14} peer: runs {obj.peer}'s implementation of {obj.counterpart} "
+                print(f"  {'':<{width}}  peer: runs {obj.peer}'s implementation of {obj.counterpart} "
                       "(pip install 'ifbench[peers]'; only when named, never through \"all\")")
     return 0
 

@@ -76,3 +76,22 @@ def test_readme_example_estimator_conforms_and_matches_grad_dot(tmp_path, capsys
         mine, builtin = records[protocol, "my-grad-dot"], records[protocol, "grad-dot"]
         assert mine["status"] == builtin["status"] == "ok"
         assert mine["metrics"] == pytest.approx(builtin["metrics"], abs=1e-6)
+
+
+def test_list_aligns_every_description_and_version_names_the_installed_package(tmp_path, capsys):
+    import re
+    from importlib.metadata import version
+
+    plugin = tmp_path / "long_named.py"
+    plugin.write_text(PLUGIN_SOURCE.format(name="an-estimator-with-a-very-long-name"))
+    assert main(["list", "--plugin", str(plugin)]) == 0
+    out = capsys.readouterr().out
+    assert "an-estimator-with-a-very-long-name  A user's estimator" in out and "``" not in out
+    sections = re.split(r"^(?:estimators|tasks|protocols):$", out, flags=re.MULTILINE)[1:]
+    assert len(sections) == 3
+    for section in sections:  # within a section, every description starts in the same column
+        columns = {match.end() for line in section.splitlines() if (match := re.match(r"  \S+ +", line))}
+        assert len(columns) == 1, section
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"ifbench {version('ifbench')}"
