@@ -14,6 +14,7 @@ are imported in each before any problem is unpickled, so plug-in tasks resolve t
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import multiprocessing
 import pickle
@@ -35,12 +36,14 @@ from tasks.base import RetrainSpec, Task, TaskData, TrainedModel, retrain_at_len
 
 @dataclass(frozen=True)
 class RetrainProblem:
-    """What every chunk of one ground truth shares; ``threads``: torch CPU threads each worker runs with."""
+    """What every chunk of one ground truth shares; ``threads``: torch CPU threads each worker runs with;
+    ``shared``: the task's :meth:`~tasks.base.Task.retrain_state`, computed once by the run's process."""
 
     task: Task
     data: TaskData
     base: TrainedModel
     threads: int
+    shared: Any = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ def run_chunk(problem: RetrainProblem, chunk: RetrainChunk) -> ChunkResult:
     """Retrain one chunk and measure its query losses (the same function on every executor)."""
     torch.set_num_threads(problem.threads)
     task, data, spec = problem.task, problem.data, chunk.spec
+    if problem.shared is not None:
+        task.adopt_retrain_state(problem.shared)
     model = task.build_model()
     retrained, by_length = retrain_at_lengths(task, data, problem.base, list(chunk.removals), spec)
     with torch.no_grad():
@@ -120,7 +125,8 @@ _worker_problem: dict[str, RetrainProblem] = {}  # in a worker: the problem file
 def _run_from_file(path: str, chunk: RetrainChunk) -> ChunkResult:
     if path not in _worker_problem:
         _worker_problem.clear()
-        _worker_problem[path] = pickle.loads(Path(path).read_bytes())
+        with open(path, "rb") as file:
+            _worker_problem[path] = pickle.load(file)
     return run_chunk(_worker_problem[path], chunk)
 
 
@@ -146,7 +152,8 @@ class LocalProcesses(Executor):
     def run(self, problem: RetrainProblem, chunks: Sequence[RetrainChunk]) -> Iterator[ChunkResult]:
         self._problems += 1
         path = Path(self._folder.name) / f"problem-{self._problems}.pkl"
-        path.write_bytes(pickle.dumps(problem))
+        with path.open("wb") as file:  # streamed: no second in-memory copy of a large shared state
+            pickle.dump(problem, file)
         todo, attempt = list(chunks), 0
         try:
             while todo:
@@ -228,8 +235,10 @@ class DaskCluster(Executor):
     def run(self, problem: RetrainProblem, chunks: Sequence[RetrainChunk]) -> Iterator[ChunkResult]:
         from distributed import as_completed
 
-        # a task's result, not scattered data: if the workers holding it die, Dask computes it again
-        shared = self._client.submit(_same, problem, pure=False)
+        # a task's result, not scattered data: if the workers holding it die, Dask computes it again. Without the
+        # task's shared state (mnist-logreg's: a 0.5 GB factor), which would travel through the scheduler: each
+        # worker computes it itself, with the same thread count, so to the same bits
+        shared = self._client.submit(_same, dataclasses.replace(problem, shared=None), pure=False)
         futures = self._client.map(run_chunk, [shared] * len(chunks), list(chunks), pure=False)
         try:
             for future in as_completed(futures):

@@ -260,6 +260,17 @@ class Task(ABC):
         """Retrains :meth:`retrain_without` computes together (protocols hand it removals in lists this long)."""
         return 1
 
+    def retrain_state(self, data: TaskData, base: TrainedModel, specs: Sequence[RetrainSpec]) -> Any:
+        """What every retrain around ``base`` under ``specs`` shares and would otherwise compute for itself
+        (e.g. a factorisation): computed once in the run's process and shipped with the retrain jobs, so worker
+        processes adopt it (:meth:`adopt_retrain_state`) instead of computing it again for each ground truth.
+        None: nothing to share."""
+        return None
+
+    def adopt_retrain_state(self, state: Any) -> None:
+        """Use ``state`` (not None) from :meth:`retrain_state`: the same values this task would compute itself."""
+        raise NotImplementedError(f"task {self.name} returns a retrain state but does not adopt one")
+
     def steps_per_epoch(self, n_kept: int) -> int:
         """SGD steps in one pass over ``n_kept`` points with the task's warm-retraining batch size."""
         raise NotImplementedError(f"task {self.name} has no SGD recipe for warm-started retraining")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.optimize
@@ -247,6 +247,27 @@ class LogRegTask(Task):
     def retrain_batch(self) -> int:
         return self.config.retrain_batch
 
+    def _factor_at(self, theta_hat: Tensor, data: TaskData) -> Tensor:
+        """The Cholesky factor L ``[P, P]`` of the full-data Hessian at ``theta_hat`` (cached for the last θ̂)."""
+        cached = getattr(self, "_factor", None)
+        if cached is None or not torch.equal(cached[0], theta_hat):
+            train = data.train
+            ones = torch.ones(len(train), dtype=self.dtype, device=self.device)
+            hessian = objective_hessian(theta_hat, train.inputs, train.targets, ones, len(train), self.l2)
+            self._factor = (theta_hat.clone(), torch.linalg.cholesky(hessian))
+        return self._factor[1]
+
+    def retrain_state(self, data: TaskData, base: TrainedModel, specs: Sequence[RetrainSpec]) -> Any:
+        """(θ̂, L) for exact retrains, which all precondition with it: factorising H(θ̂) (P = 7,850 on
+        mnist-logreg) took each worker longer than its share of loo's 100 retrains. None for warm ones."""
+        if all(spec.mode == "warm" for spec in specs):
+            return None
+        theta_hat = flatten(base.params)
+        return theta_hat.clone(), self._factor_at(theta_hat, data)
+
+    def adopt_retrain_state(self, state: Any) -> None:
+        self._factor = state
+
     def retrain_without(self, data: TaskData, base: TrainedModel, removals: Sequence[Tensor],
                         spec: RetrainSpec = EXACT) -> list[Retrained]:
         """``warm``: ``spec.steps`` SGD steps from θ̂ without the points (the trace recipe at ``lr_factor`` ×
@@ -265,12 +286,8 @@ class LogRegTask(Task):
     def retrain_weighted(self, data: TaskData, base: TrainedModel, weights: Tensor) -> list[Retrained]:
         """Minimise J with per-example weights ``[B, n]`` (one retrain per row), from θ̂."""
         train, theta_hat = data.train, flatten(base.params)
-        cached = getattr(self, "_factor", None)
-        if cached is None or not torch.equal(cached[0], theta_hat):
-            ones = torch.ones(len(train), dtype=self.dtype, device=self.device)
-            hessian = objective_hessian(theta_hat, train.inputs, train.targets, ones, len(train), self.l2)
-            self._factor = (theta_hat.clone(), torch.linalg.cholesky(hessian))
-        thetas, norms, steps = self._newton(theta_hat.repeat(len(weights), 1), self._factor[1], data, weights)
+        thetas, norms, steps = self._newton(theta_hat.repeat(len(weights), 1), self._factor_at(theta_hat, data), data,
+                                            weights)
         k, n_features = self.n_classes(data), train.inputs.shape[1]
         info = [{"grad_norm": float(norm), "newton_steps": float(steps)} for norm in norms]
         return [Retrained(unflatten(thetas[row].clone(), k, n_features), info[row]) for row in range(len(weights))]

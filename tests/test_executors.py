@@ -159,3 +159,30 @@ def test_workers_do_not_enter_cache_keys(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--workers", "2"]) == 0
     assert "0 cell(s) run, 4 already finished" in capsys.readouterr().err
+
+
+def test_a_worker_adopts_the_shipped_factor_instead_of_factorising_again(monkeypatch):
+    import pickle
+
+    from bench.executors import RetrainChunk, RetrainProblem, run_chunk
+    from tasks.base import EXACT
+    from tasks.logreg import ToyLogReg
+
+    task = ToyLogReg(ToyLogReg.presets["default"], seed=0)
+    data = task.load_data()
+    base = task.train(data)
+    warm = RetrainSpec("warm", seed=0, steps=5)
+    assert task.retrain_state(data, base, [warm]) is None  # SGD retrains use no factor
+    problem = RetrainProblem(task, data, base, 1, task.retrain_state(data, base, [EXACT, warm]))
+    chunk = RetrainChunk((0, 0), EXACT, (torch.tensor([0]), torch.tensor([1, 2])))
+    in_process = run_chunk(problem, chunk)
+    shipped = pickle.loads(pickle.dumps(problem))  # as a worker receives it: the task without its caches
+    assert not hasattr(shipped.task, "_factor")
+
+    def refactorise(*args, **kwargs):
+        raise AssertionError("the worker factorised the Hessian again")
+
+    monkeypatch.setattr(torch.linalg, "cholesky", refactorise)
+    in_worker = run_chunk(shipped, chunk)
+    np.testing.assert_array_equal(in_worker.losses, in_process.losses)
+    assert in_worker.grad_norms == in_process.grad_norms

@@ -76,7 +76,7 @@ def retrain_effects(task: Task, data: TaskData, base: TrainedModel, removals: Se
                                               for params in references]))
     chunks = [RetrainChunk((s, start), spec, tuple(removals[start : start + task.retrain_batch]))
               for s, spec in enumerate(specs) for start in range(0, len(removals), task.retrain_batch)]
-    problem = RetrainProblem(task, data, base, torch.get_num_threads())
+    problem = RetrainProblem(task, data, base, torch.get_num_threads(), task.retrain_state(data, base, specs))
     grad_norms: dict[tuple[int, int], tuple[float, ...]] = {}
     bar = tqdm(total=len(specs) * len(removals), desc=desc, unit="retrain", disable=not progress, leave=False)
     for result in executor.run(problem, chunks):
