@@ -8,6 +8,7 @@ silently reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,16 +33,39 @@ class CacheCorruptError(RuntimeError):
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file. The file gets the
+    mode a plain ``open`` would (0666 less the umask, not ``mkstemp``'s 0600), so a shared results folder
+    stays readable; an OSError names ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise naming(err, path) from err
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        raise naming(err, path) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def naming(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its file name (same errno), unless it names a file already."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path)) if err.errno is not None else \
+        OSError(f"{err} (writing {path})")
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray], *, compressed: bool = False) -> None:
@@ -126,6 +150,27 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (any dtype, any device)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_digest(model: TrainedModel) -> str:
+    """What a trained model is, bit for bit: its parameters and checkpoints (not where it is stored)."""
+    return tensors_digest(pack_trained(model, "")[0])
+
+
+def truth_digest(truth: GroundTruth) -> str:
+    """What a ground truth is, bit for bit: its arrays and, if it has one, its model."""
+    arrays = arrays_digest(pack_truth(truth)[0])
+    return arrays if truth.model is None else hashlib.sha256(f"{arrays}|{model_digest(truth.model)}".encode()).hexdigest()
 
 
 def load_or_none(load: Any, key: str) -> Any:

@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, with_overrides
 from bench.registry import RegistryError
@@ -115,44 +116,72 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from bench.catalog import default_registries
-    from bench.leaderboard import write_leaderboard
-    from bench.planning import plan_suite
-    from bench.runner import Runner
-    from bench.store import FolderBusyError, ResultsStore, exclusive
-
     if args.data_dir:
         os.environ["IFBENCH_DATA_DIR"] = str(args.data_dir)
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite)  # a malformed suite is refused here, before torch is imported
+    suite = with_overrides(suite, tasks=_names(args.tasks), estimators=_names(args.estimators), device=args.device,
+                           seed=args.seed, threads=args.threads, isolate=args.isolate, cell_timeout_s=args.cell_timeout_s,
+                           cell_memory_mb=args.cell_memory_mb, scheduler=args.scheduler,
+                           workers=1 if args.scheduler and args.workers is None else args.workers)
+    check_device(suite.device)
+    from bench.catalog import default_registries
+    from bench.planning import plan_suite
+
     registries = default_registries(args.plugin)
     registries.protocols.check(_names(args.protocols) or ())  # a typo gets "did you mean" before tasks are narrowed
-    suite = with_overrides(suite, tasks=_names(args.tasks), protocols=_names(args.protocols),
-                           estimators=_names(args.estimators), device=args.device, seed=args.seed, threads=args.threads,
-                           isolate=args.isolate, cell_timeout_s=args.cell_timeout_s, cell_memory_mb=args.cell_memory_mb,
-                           workers=1 if args.scheduler and args.workers is None else args.workers,
-                           scheduler=args.scheduler)
-    plan = plan_suite(suite, registries)  # validates everything before any write
+    suite = with_overrides(suite, protocols=_names(args.protocols))
+    plan = plan_suite(suite, registries)  # validates everything, sizes against each task, before any write
     results = args.results or Path("results") / slug(suite.name)
     check_writable(results)
     print(f"ifbench: suite {suite.name!r} · {len(plan.tasks)} task(s) × {len(plan.protocols)} protocol(s) × "
           f"{len(plan.estimators)} estimator(s) → {results}", file=sys.stderr)
+    return _execute(plan, results, args)
+
+
+def _execute(plan: Any, results: Path, args: argparse.Namespace) -> int:
+    """Run the plan into ``results`` under its lock and report the folder's state: exit non-zero while any
+    cell of the plan is failed (this run's or an earlier one's)."""
+    from bench.leaderboard import write_leaderboard
+    from bench.runner import MixedTruthError, Runner
+    from bench.store import FolderBusyError, ResultsStore, exclusive
+
     try:
         with exclusive(results):
-            summary = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed,
-                             plugins=args.plugin).run()
+            runner = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed,
+                            plugins=args.plugin)
+            summary = runner.run()
             board = write_leaderboard(results, results / "leaderboard.md")
     except FolderBusyError as err:
         raise ConfigError(str(err)) from None
+    except MixedTruthError as err:
+        print(f"ifbench: error: {err}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
     except KeyboardInterrupt:
         kept = len(ResultsStore(results).latest())
         print(f"\nifbench: interrupted; {kept} cell(s) finished and kept in {results}; re-run the same command to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"ifbench: {summary.ran} cell(s) run, {summary.skipped} already finished, {summary.failed} failed; "
+    for retried in summary.retried:
+        print(f"  ran again: {retried}", file=sys.stderr)
+    before = (f" ({summary.failed_before} of them failed: --retry-failed runs them again)"
+              if summary.failed_before else "")
+    print(f"ifbench: {summary.ran} cell(s) run, {summary.skipped} already finished{before}, {summary.failed} failed; "
           f"leaderboard: {board}", file=sys.stderr)
     for failure in summary.failures:
         print(f"  failed: {failure}", file=sys.stderr)
-    return EXIT_FAILED_CELLS if summary.failed else 0
+    failed = summary.failed + summary.failed_before
+    if failed:
+        print(f"ifbench: {failed} cell(s) of this plan are failed in {results}", file=sys.stderr)
+    return EXIT_FAILED_CELLS if failed else 0
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without one, before any folder is made (torch imported only then)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for but torch.cuda.is_available() is False; use --device cpu")
 
 
 def slug(name: str) -> str:
@@ -196,9 +225,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.leaderboard import write_leaderboard
+    from bench.store import FolderBusyError, refuse_if_busy
 
     if not (args.results / "records.jsonl").exists():
         raise ConfigError(f"no results in {args.results} (records.jsonl is missing): run `ifbench run` first")
+    try:
+        refuse_if_busy(args.results)
+    except FolderBusyError as err:
+        raise ConfigError(str(err)) from None
     out = write_leaderboard(args.results, args.out or args.results / "leaderboard.md", with_figures=not args.no_figures)
     if args.records:
         import json

@@ -24,6 +24,8 @@ from typing import Any
 from bench.profile import current_rss_mb
 
 POLL_SECONDS = 0.05
+#: how long a worker whose pipe closed may take to exit (a loaded machine takes seconds to tear down torch)
+EXIT_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,23 @@ def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
         for message in job.messages():
             conn.send(message)
         conn.send(("done",))
+    except SystemExit as err:  # the estimator's sys.exit, caught in no cell: say so before the process ends
+        conn.send(("exited", exit_code(err)))
+        raise
     except Exception as err:  # the harness's own failure in the worker (the job catches estimators' errors)
         conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
     finally:
         conn.close()
 
 
+def exit_code(err: SystemExit) -> int:
+    """The process exit status ``sys.exit(err.code)`` gives (None: 0; an int: itself; anything else: 1)."""
+    return 0 if err.code is None else err.code if isinstance(err.code, int) else 1
+
+
 def _death(exitcode: int | None) -> str:
     if exitcode is None:
-        return "the worker stopped answering"
+        return f"the worker closed its pipe and had not exited {EXIT_WAIT_S:g} s later"
     if exitcode >= 0:
         return f"the estimator ended its worker process (exit code {exitcode})"
     name = signal.Signals(-exitcode).name
@@ -97,13 +107,16 @@ def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tupl
                 try:
                     message = receive.recv()
                 except EOFError:  # closed without a last word: the process ended abruptly
-                    worker.join(5)
+                    worker.join(EXIT_WAIT_S)
                     yield ("died", in_flight, _death(worker.exitcode))
                     return
                 if message[0] == "start":
                     in_flight, deadline = message[1], time.monotonic() + limits.timeout_s
                 elif message[0] == "record":
                     in_flight, deadline = None, None
+                elif message[0] == "exited":
+                    yield ("died", in_flight, _death(message[1]))
+                    return
                 elif message[0] == "error":
                     yield ("died", in_flight, f"the worker failed: {message[1]}")
                     return

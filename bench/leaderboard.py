@@ -147,6 +147,7 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         f"{first.get('device', '?')} · commit {', '.join(commits)} · "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if k in ("python", "torch", "numpy", "scipy")),
         "",
+        *_smoke_paragraph(rows),
         "Each estimator predicts, for every (query, training point) pair, the change in the query's loss when the "
         "point is **removed** and the model retrained (positive: the point helped). Metrics compare predictions with "
         "the retrained ground truth per query, across the columns (removed points, groups or subsets), then average "
@@ -184,6 +185,17 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
         group.sort(key=_sort_key)
         lines += _section(task, protocol, group, (figures or {}).get((task, protocol)))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _smoke_paragraph(rows: list[dict[str, Any]]) -> list[str]:
+    """A warning above everything when some cells ran at a task's ``smoke`` preset."""
+    smoke = sorted({r["task"] for r in rows if r.get("preset") == "smoke"})
+    if not smoke:
+        return []
+    return [f"**Smoke sizes, not a ranking.** {', '.join(smoke)} ran at the `smoke` preset, sized to check that every "
+            "path of the pipeline runs, in minutes. With so few queries and columns the intervals are wide and a score "
+            "can land above its noise ceiling by chance (the ceiling is an estimate too): read these tables as a check "
+            "that the suite works, not as evidence about the estimators. The `default` suite is sized to rank.", ""]
 
 
 def _facts(head: dict[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench.catalog import Registries
 from bench.config import ComponentSpec, ConfigError, SuiteConfig, make_config
+from bench.groundtruth.base import TaskShape
 from tasks.base import Task
 
 
@@ -78,7 +79,9 @@ def plan_suite(suite: SuiteConfig, registries: Registries) -> Plan:
         if cls.convex and spec.base_models > 1:
             raise ConfigError(f"task {spec.name!r} is convex: its trained model is the unique optimum, so "
                               f"base_models must be 1, got {spec.base_models}")
-        tasks.append(PlannedTask(spec, cls, config, _task_protocols(spec, protocols)))
+        planned = PlannedTask(spec, cls, config, _task_protocols(spec, protocols))
+        _check_sizes(planned)
+        tasks.append(planned)
     estimators = []
     for name in names:
         if name in variants:
@@ -108,6 +111,16 @@ def _planned_variants(suite: SuiteConfig, registries: Registries) -> dict[str, P
         config = make_config(cls.Config, dict(variant.options), f"estimator variant {variant.name}", base=base)
         planned[variant.name] = PlannedComponent(variant.name, cls, config, variant.tasks)
     return planned
+
+
+def _check_sizes(planned: PlannedTask) -> None:
+    """Each protocol's options against the task they run on (sizes against its training set, convexity)."""
+    shape = TaskShape.of(planned.spec.name, planned.cls, planned.config)
+    for protocol in planned.protocols:
+        try:
+            protocol.cls.check_against(protocol.config, shape)
+        except ValueError as err:
+            raise ConfigError(f"task {planned.spec.name}: protocol {protocol.name}: {err}") from None
 
 
 def _task_protocols(spec: ComponentSpec, protocols: list[PlannedComponent]) -> tuple[PlannedComponent, ...]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.cache import arrays_digest, atomic_savez
+from bench.cache import arrays_digest, atomic_savez, naming
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,22 @@ def exclusive(directory: Path) -> Iterator[None]:
         finally:
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def refuse_if_busy(directory: Path) -> None:
+    """Raise FolderBusyError if a run holds ``directory``'s lock (a reader that writes beside the records, such
+    as ``ifbench leaderboard``, waits for no one and creates no lock file)."""
+    path = directory / LOCK_FILE
+    if not path.exists():
+        return
+    with path.open("r") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise FolderBusyError(f"{directory} is in use by {holder}: its leaderboard is rewritten when that run "
+                                  "ends; wait for it") from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _json_safe(value: Any) -> Any:
@@ -100,7 +116,7 @@ class ResultsStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
         payload = (("\n" if needs_newline else "") + line + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask
         try:
             start = os.fstat(fd).st_size
             try:
@@ -111,9 +127,9 @@ class ResultsStore:
                         raise OSError(errno.EIO, f"no progress writing {self.path}")
                     written += count
                 os.fsync(fd)
-            except OSError:
+            except OSError as err:
                 os.ftruncate(fd, start)  # the whole record or nothing
-                raise
+                raise naming(err, self.path) from err
         finally:
             os.close(fd)
 

@@ -83,19 +83,19 @@ def test_a_task_overrides_a_protocols_options_for_itself_only():
         n_subsets = 30
         alpha = 0.4
         [[protocols]]
-        name = "loo"
+        name = "loo-warm"
     """
     registries = default_registries(entry_points=False)
     plan = plan_suite(parse_suite(tomllib.loads(text.replace("\n        ", "\n"))), registries)
     lds = {t.spec.name: next(p for p in t.protocols if p.name == "lds").config for t in plan.tasks}
     assert (lds["mnist-logreg"].n_subsets, lds["mnist-logreg"].alpha) == (30, 0.4)
     assert (lds["mnist-resnet"].n_subsets, lds["mnist-resnet"].alpha) == (12, 0.4)  # its own size, the suite's α
-    assert [p.name for p in plan.tasks[0].protocols] == ["lds", "loo"]
+    assert [p.name for p in plan.tasks[0].protocols] == ["lds", "loo-warm"]
     with pytest.raises(ConfigError, match="unknown option 'subsets' for task mnist-resnet: protocol lds"):
         plan_suite(parse_suite(tomllib.loads(text.replace("n_subsets = 12", "subsets = 12").replace("\n        ", "\n"))),
                    registries)
     with pytest.raises(ConfigError, match="names protocol 'group', which the suite does not run"):
         plan_suite(parse_suite(tomllib.loads(text.replace("protocol_options.lds", "protocol_options.group")
                                              .replace("\n        ", "\n"))), registries)
-    narrowed = with_overrides(parse_suite(tomllib.loads(text.replace("\n        ", "\n"))), protocols=["loo"])
-    assert [p.name for t in plan_suite(narrowed, registries).tasks for p in t.protocols] == ["loo", "loo"]
+    narrowed = with_overrides(parse_suite(tomllib.loads(text.replace("\n        ", "\n"))), protocols=["loo-warm"])
+    assert [p.name for t in plan_suite(narrowed, registries).tasks for p in t.protocols] == ["loo-warm", "loo-warm"]

@@ -47,6 +47,21 @@ class GroundTruth:
 
 
 @dataclass(frozen=True)
+class TaskShape:
+    """What planning knows of a task before anything is loaded or trained: its name, whether it is convex and
+    its training-set size (None where only loading the data tells)."""
+
+    name: str
+    convex: bool
+    n_train: int | None
+
+    @classmethod
+    def of(cls, name: str, task_cls: type[Task], config: Any) -> TaskShape:
+        n_train = getattr(config, "n_train", None)
+        return cls(name, bool(task_cls.convex), n_train if isinstance(n_train, int) else None)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Suite-wide metric settings for one cell."""
 
@@ -126,6 +141,12 @@ class Protocol(ABC):
     def __init__(self, config: Any, *, seed: int):
         self.config = config
         self.seed = seed
+
+    @classmethod
+    def check_against(cls, config: Any, task: TaskShape) -> None:
+        """Raise ValueError if ``config`` cannot run on ``task`` (e.g. more removals than training points):
+        called at planning, so the run stops before anything is trained or written. Nothing by default."""
+        return None
 
     @abstractmethod
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,

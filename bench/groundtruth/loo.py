@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.executors import Executor
-from bench.groundtruth.base import GroundTruth, ScoreMatrixProtocol
+from bench.groundtruth.base import GroundTruth, ScoreMatrixProtocol, TaskShape
 from bench.groundtruth.retraining import check_at_least, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
@@ -47,11 +47,16 @@ class LooConfig:
         check_at_least("seeds", self.seeds, 1)
 
 
+def check_removals(protocol: str, n_train: int, n_removed: int) -> None:
+    """Raise ValueError unless 2 ≤ ``n_removed`` ≤ ``n_train``."""
+    if not 2 <= n_removed <= n_train:
+        raise ValueError(f"{protocol}: n_removed must be in 2..{n_train} (correlations need two removals; at most the "
+                         f"training-set size), got {n_removed}")
+
+
 def plan_removals(n_train: int, n_removed: int, seed: int) -> np.ndarray:
     """Sorted, distinct training indices to leave out, chosen from the seed alone."""
-    if not 2 <= n_removed <= n_train:
-        raise ValueError(f"loo: n_removed must be in 2..{n_train} (correlations need two removals; at most the "
-                         f"training-set size), got {n_removed}")
+    check_removals("loo", n_train, n_removed)
     return np.sort(rng(seed, "loo", "removals").choice(n_train, size=n_removed, replace=False))
 
 
@@ -60,15 +65,17 @@ class LeaveOneOutBase(ScoreMatrixProtocol):
     version: ClassVar[str] = "2"  # 2: truth is the mean over seeds; warm lengths in epochs
     mode: ClassVar[str]
 
-    def check_task(self, task: Task) -> None:
-        """Raise ValueError if this variant cannot run on ``task``."""
+    @classmethod
+    def check_against(cls, config: LooConfig, task: TaskShape) -> None:
+        if task.n_train is not None:
+            check_removals(cls.name, task.n_train, config.n_removed)
 
     def n_seeds(self, task: Task) -> int:
         return 1 if task.convex else self.config.seeds
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
                 executor: Executor | None = None) -> GroundTruth:
-        self.check_task(task)
+        self.check_against(self.config, TaskShape(task.name, task.convex, len(data.train)))
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
         steps = 0
         if self.mode == "warm":
@@ -89,10 +96,12 @@ class LeaveOneOut(LeaveOneOutBase):
 
     mode: ClassVar[str] = "exact"
 
-    def check_task(self, task: Task) -> None:
+    @classmethod
+    def check_against(cls, config: LooConfig, task: TaskShape) -> None:
         if not task.convex:
             raise ValueError(f"protocol 'loo' retrains exactly and needs a convex task; {task.name} is not: "
                              "use 'loo-warm' or 'loo-scratch'")
+        super().check_against(config, task)
 
 
 @registered("loo-warm")

@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from bench.executors import Executor
-from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, checked
+from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, TaskShape, checked
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import SELF_INFLUENCE
@@ -108,6 +108,11 @@ class MislabelDetection(Protocol):
     column_noun: ClassVar[str] = "training points"
     fits_on_own_model: ClassVar[bool] = True
     version: ClassVar[str] = "2"  # 2: flips to the most-confused class by default
+
+    @classmethod
+    def check_against(cls, config: MislabelConfig, task: TaskShape) -> None:
+        if task.n_train is not None and config.n_ranked > task.n_train:
+            raise ValueError(f"mislabel: n_ranked must be in 1..{task.n_train} (0: all), got {config.n_ranked}")
 
     def compute(self, task: Task, data: TaskData, base: TrainedModel, *, progress: bool = True,
                 executor: Executor | None = None) -> GroundTruth:

@@ -27,6 +27,7 @@ from bench.groundtruth.base import (
     GroundTruth,
     ScoreMatrixProtocol,
     Settings,
+    TaskShape,
     pack_groups,
     predict_group_removals,
     unpack_groups,
@@ -65,16 +66,21 @@ class RetrainLengthConfig:
         check_at_least("seeds", self.seeds, 1)
 
 
-def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int) -> list[np.ndarray]:
-    """``n_removed`` sorted index arrays: single points (``group_size = 1``, as ``loo`` plans them) or random
-    groups of ``group_size`` distinct points, from the seed alone."""
+def check_removal_groups(n_train: int, n_removed: int, group_size: int) -> None:
+    """Raise ValueError unless 2 ≤ ``n_removed`` ≤ ``n_train`` and 1 ≤ ``group_size`` < ``n_train``."""
     if not 2 <= n_removed <= n_train:
         raise ValueError(f"retrain-length: n_removed must be in 2..{n_train} (correlations need two removals), "
                          f"got {n_removed}")
+    if not 1 <= group_size < n_train:
+        raise ValueError(f"retrain-length: group_size must be in 1..{n_train - 1}, got {group_size}")
+
+
+def plan_removal_groups(n_train: int, n_removed: int, group_size: int, seed: int) -> list[np.ndarray]:
+    """``n_removed`` sorted index arrays: single points (``group_size = 1``, as ``loo`` plans them) or random
+    groups of ``group_size`` distinct points, from the seed alone."""
+    check_removal_groups(n_train, n_removed, group_size)
     if group_size == 1:
         return [np.array([i]) for i in plan_removals(n_train, n_removed, seed)]
-    if not 1 < group_size < n_train:
-        raise ValueError(f"retrain-length: group_size must be in 1..{n_train - 1}, got {group_size}")
     generator = rng(seed, "retrain-length", "groups")
     return [np.sort(generator.choice(n_train, group_size, replace=False)) for _ in range(n_removed)]
 
@@ -89,6 +95,11 @@ class RetrainLength(ScoreMatrixProtocol):
 
     Config: ClassVar[type] = RetrainLengthConfig
     version: ClassVar[str] = "3"  # 2: removals stored as groups; 3: lengths in epochs, truth the mean over seeds
+
+    @classmethod
+    def check_against(cls, config: RetrainLengthConfig, task: TaskShape) -> None:
+        if task.n_train is not None:
+            check_removal_groups(task.n_train, config.n_removed, config.group_size)
     needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP})
     headline: ClassVar[str] = "pearson"
     aligned_blocks: ClassVar[bool] = True  # block t holds the same removals, retrained for the t-th length

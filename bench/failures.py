@@ -1,0 +1,86 @@
+"""Why a cell failed, and whether the same command should run it again.
+
+A failure is either a property of the cell (the estimator raised, returned NaN,
+a protocol could not judge it): it stays failed until ``--retry-failed`` or a
+change of the estimator; or a fault of the environment (the disk filled, a
+permission, interrupted I/O, a missing optional package): then the next run of
+the same command retries it, and says why. Records say which in ``cause``
+(``"cell"`` or ``"environment"``) and, for a missing package, ``missing_module``.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import traceback
+from pathlib import Path
+from typing import Any
+
+CELL = "cell"
+ENVIRONMENT = "environment"
+
+#: OSError numbers that describe the machine, not the estimator
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                                errno.EINTR, errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ESTALE})
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
+    found: list[BaseException] = []
+    while err is not None and err not in found:
+        found.append(err)
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def missing_module(err: BaseException) -> str | None:
+    """The top-level module whose import failed somewhere in ``err``'s chain, if any."""
+    for link in _chain(err):
+        if isinstance(link, ImportError) and link.name:
+            return link.name.split(".")[0]
+    return None
+
+
+def cause_of(err: BaseException) -> dict[str, Any]:
+    """Record fields for a failure: ``{"cause": ...}``, with ``missing_module`` when an import failed."""
+    module = missing_module(err)
+    if module is not None:
+        return {"cause": ENVIRONMENT, "missing_module": module}
+    if any(isinstance(link, OSError) and link.errno in ENVIRONMENT_ERRNOS for link in _chain(err)):
+        return {"cause": ENVIRONMENT}
+    return {"cause": CELL}
+
+
+def describe(err: BaseException) -> str:
+    """``Type: message (at file:line)``; ``sys.exit`` named as such."""
+    if isinstance(err, SystemExit):
+        return f"the estimator called sys.exit({err.code!r})"
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {err}{where}"
+
+
+def retry_reason(record: dict[str, Any]) -> str | None:
+    """Why a finished cell's record should be run again by the same command, or None if it stands."""
+    module = record.get("missing_module")
+    if module and record.get("status") != "ok" and importlib.util.find_spec(module) is not None:
+        return f"{module} imports now"
+    if record.get("status") == "failed" and record.get("cause") == ENVIRONMENT:
+        return f"it failed on a fault of the environment ({record.get('error')})"
+    return None
+
+
+class Failure:
+    """A failed step's message and its record fields (:func:`cause_of`)."""
+
+    __slots__ = ("error", "fields")
+
+    def __init__(self, error: str, fields: dict[str, Any] | None = None):
+        self.error, self.fields = error, dict(fields or {"cause": CELL})
+
+    @classmethod
+    def of(cls, err: BaseException, prefix: str = "") -> Failure:
+        return cls(prefix + describe(err), cause_of(err))
+
+    def __repr__(self) -> str:
+        return f"Failure({self.error!r}, {self.fields!r})"
