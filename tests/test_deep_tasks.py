@@ -262,7 +262,7 @@ def test_tokenised_text_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     assert Counting.calls == 3 and len(list((tmp_path / "cache" / "tokenised").glob("*.arrow"))) == 3
 
 
-def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path):
+def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path, capsys):
     suite = tmp_path / "s.toml"
     suite.write_text(textwrap.dedent("""
         name = "tiny"
@@ -285,19 +285,21 @@ def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path):
         name = "loo-scratch"
         n_removed = 2
         seeds = 2
-        [[protocols]]
-        name = "loo"
     """))
     results = tmp_path / "r"
-    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 1  # loo's cells fail
-    records = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
+    written = (results / "records.jsonl").read_text()
+    records = [json.loads(line) for line in written.splitlines()]
     by = {(r["protocol"], r["estimator"]): r for r in records}
     for protocol in ("loo-warm", "loo-scratch"):
         record = by[protocol, "if-exact"]
         assert record["status"] == "ok" and record["groundtruth_diagnostics"]["seeds"] == 2
         assert 0 <= record["groundtruth_diagnostics"]["ceiling_pearson"] <= 1
-    assert by["loo", "if-exact"]["status"] == "failed" and "needs a convex task" in by["loo", "if-exact"]["error"]
     assert "*noise ceiling*" in (results / "leaderboard.md").read_text()
+    suite.write_text(suite.read_text() + '[[protocols]]\nname = "loo"\n')  # exact retraining on a deep net
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 2  # refused at planning
+    assert "protocol 'loo' retrains exactly and needs a convex task" in capsys.readouterr().err
+    assert (results / "records.jsonl").read_text() == written
 
 
 @pytest.mark.parametrize("estimator", ["if-exact", "if-cg", "grad-dot", "gif", "group-if-2"])
