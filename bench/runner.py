@@ -43,7 +43,7 @@ from bench.executors import Executor, InProcess, make_executor
 from bench.failures import Failure, retry_reason
 from bench.groundtruth.base import GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
-from bench.heartbeat import heartbeat
+from bench.heartbeat import heartbeat, refreshing
 from bench.isolation import exit_code
 from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
@@ -170,22 +170,28 @@ class Runner:
         remaining = list(job.pending)
         while remaining:
             job = dataclasses.replace(job, pending=tuple(remaining))
-            for message in (self._isolated(job) if self.suite.isolate else _in_process(job)):
-                if message[0] == "start":
-                    bar.set_postfix_str("/".join(message[1]))
-                elif message[0] == "record":
-                    self._keep(message[2], summary, digests)
-                    remaining.remove(_pair(message[1], remaining))
-                    bar.update(1)
-                elif message[0] == "died":
-                    for cell in self._lost_cells(message[1], remaining):
-                        record = base_record(self.plan, job.planned, job.task.base_model, cell[0], cell[1],
-                                             job.keys[cell[0].name, cell[1].name])
-                        record["error"] = f"{message[2]} ({_where(message[1], cell)}; the run went on)"
-                        self._keep(record, summary, digests)
-                        remaining.remove(cell)
-                        bar.update(1)
+            with refreshing(bar):
+                self._take(job, remaining, digests, summary, bar)
         bar.close()
+
+    def _take(self, job: CellJob, remaining: list[Cell], digests: dict[str, str], summary: RunSummary,
+              bar: Any) -> None:
+        """Keep the records of one worker's (or this process's) run of ``job``, until it ends or dies."""
+        for message in (self._isolated(job) if self.suite.isolate else _in_process(job)):
+            if message[0] == "start":
+                bar.set_postfix_str("/".join(message[1]))
+            elif message[0] == "record":
+                self._keep(message[2], summary, digests)
+                remaining.remove(_pair(message[1], remaining))
+                bar.update(1)
+            elif message[0] == "died":
+                for cell in self._lost_cells(message[1], remaining):
+                    record = base_record(self.plan, job.planned, job.task.base_model, cell[0], cell[1],
+                                         job.keys[cell[0].name, cell[1].name])
+                    record["error"] = f"{message[2]} ({_where(message[1], cell)}; the run went on)"
+                    self._keep(record, summary, digests)
+                    remaining.remove(cell)
+                    bar.update(1)
 
     def _isolated(self, job: CellJob) -> Iterator[tuple]:
         from bench.isolation import CellLimits, relay
@@ -273,7 +279,8 @@ class Runner:
                         "computing it again", self.cache.groundtruth_path(key))
             truth = None
         if truth is None:
-            with profiled(self.device) as prof:
+            with profiled(self.device) as prof, heartbeat(f"{task.name}: ground truth {protocol_plan.name}",
+                                                          enabled=self.progress):
                 truth = protocol.compute(task, data, base, progress=self.progress, executor=self.executor)
             truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, "seconds": prof.seconds,
                                                                 "retrain_workers": float(self.executor.workers)})

@@ -262,6 +262,7 @@ def test_tokenised_text_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
     assert Counting.calls == 3 and len(list((tmp_path / "cache" / "tokenised").glob("*.arrow"))) == 3
 
 
+@pytest.mark.slow
 def test_deep_protocols_end_to_end_with_noise_ceiling(tmp_path, capsys):
     suite = tmp_path / "s.toml"
     suite.write_text(textwrap.dedent("""
@@ -383,6 +384,7 @@ def test_bert_offers_cls_features_and_fastif_leaves_the_head_view_for_them(tmp_p
         task.embed(base.params, data.queries, "pooler")
 
 
+@pytest.mark.slow
 def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
     """Every protocol the ``full`` suite lists for SST-2 runs on files in the real format (tiny BERT). CIFAR-10's
     ResNet-18 costs ~5 minutes even on 48 images here, so its list is checked to be one the default and smoke

@@ -78,6 +78,7 @@ def _ground_truth_arrays(results):
     return arrays
 
 
+@pytest.mark.slow
 def test_in_process_local_workers_and_dask_give_identical_records(tmp_path):
     suite = tmp_path / "toy.toml"
     suite.write_text(SUITE)
@@ -119,6 +120,7 @@ def test_stacked_warm_retrains_are_bit_identical_in_worker_processes():
     assert np.array_equal(alone, spread)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--workers", "2"], ["--scheduler", "local:2"]], ids=["workers", "dask"])
 def test_a_retrain_worker_that_dies_is_replaced_and_the_run_finishes(tmp_path, flags):
     suite, plugin, marker = tmp_path / "toy.toml", tmp_path / "dies_once.py", tmp_path / "died"

@@ -115,7 +115,8 @@ def test_random_baseline_is_uncorrelated(toy):
 BUILTIN = default_registries().estimators
 
 
-@pytest.mark.parametrize("name", BUILTIN.names())
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if BUILTIN.get(name).peer else name
+                                  for name in BUILTIN.names()])  # the peers' libraries are slow to start
 def test_builtin_estimators_conform(name):
     """Every registered estimator passes ``ifbench check-estimator`` (the list is the registry's, not hand-kept)."""
     checks = check_estimator(BUILTIN.get(name))

@@ -8,6 +8,8 @@ import pytest
 
 from bench.cli import main
 
+pytestmark = pytest.mark.slow  # spawned cell workers, end to end
+
 SUITE = textwrap.dedent("""
     name = "toy"
     threads = 1

@@ -120,6 +120,7 @@ def queries_only_interval(values: np.ndarray, *, resamples: int, seed: int) -> t
     return float(low), float(high)
 
 
+@pytest.mark.slow  # a coverage simulation: hundreds of bootstraps
 @pytest.mark.parametrize(("blocks", "width"), [(1, 25), (6, 6)])
 def test_two_way_bootstrap_covers_the_expected_value_where_queries_alone_do_not(blocks, width):
     """Queries share the columns. From a population of queries × columns, samples of 30 queries × ``blocks``

@@ -10,6 +10,8 @@ from bench.catalog import default_registries
 from estimators.base import FitContext, NotApplicable
 from tasks.base import Split
 
+pytestmark = pytest.mark.slow  # the peers' libraries: seconds each to import and start
+
 REGISTRY = default_registries(entry_points=False).estimators
 ADAPTERS = [name for name in REGISTRY.names() if REGISTRY.get(name).peer]
 #: adapters whose library computes another quantity on toy-logreg, each tested below on a problem where it does not

@@ -275,6 +275,7 @@ SUITE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeypatch, capsys):
     suite, results = tmp_path / "suite.toml", tmp_path / "results"
     suite.write_text(SUITE)
@@ -312,6 +313,7 @@ def test_every_protocol_runs_caches_and_reports_not_applicable(tmp_path, monkeyp
     assert [c.groups_per_cell for c in computed] == [3]  # a changed setting makes a new one
 
 
+@pytest.mark.slow
 def test_protocol_models_are_cached_with_their_ground_truth(tmp_path):
     """mislabel trains its own model; a re-run with a new estimator reuses it (no retraining)."""
     suite, results = tmp_path / "suite.toml", tmp_path / "results"

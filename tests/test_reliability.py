@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs the CLI in subprocesses end to end
+
 SUITE = textwrap.dedent("""
     name = "toy"
     threads = 1

@@ -83,6 +83,7 @@ def run_cli(*args, env_extra=None):
     return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_recomputing(setup):
     suite, plugin, results = setup
     args = ["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--no-progress",
@@ -103,6 +104,7 @@ def test_killed_run_resumes_without_recomputing(setup):
     assert "1 cell(s) run, 2 already finished" in second.stderr
 
 
+@pytest.mark.slow
 def test_a_new_metrics_version_rescores_finished_cells_on_cached_ground_truth(setup, monkeypatch, capsys):
     import bench.metrics
 
@@ -171,6 +173,7 @@ def test_record_schema(setup):
     assert low <= record["metrics"]["pearson"] <= high
 
 
+@pytest.mark.slow
 def test_same_command_gives_same_numbers(setup):
     suite, _, results = setup
     for folder in ("a", "b"):
@@ -180,6 +183,7 @@ def test_same_command_gives_same_numbers(setup):
     assert [r["metrics"] for r in a] == [r["metrics"] for r in b]
 
 
+@pytest.mark.slow
 def test_altered_cache_values_are_detected_and_recomputed(setup, caplog):
     """A cached model whose weights were changed with the header intact (still loadable) and a ground truth whose
     numbers were rewritten are both caught by their checksums, recomputed, and give the clean numbers again."""
@@ -205,6 +209,7 @@ def test_altered_cache_values_are_detected_and_recomputed(setup, caplog):
     assert caplog.text.count("checksum mismatch") == 2
 
 
+@pytest.mark.slow
 def test_editing_a_plugin_reruns_its_cells(setup, capsys):
     suite, plugin, results = setup
     args = ["run", "--suite", str(suite), "--results", str(results), "--plugin", str(plugin), "--estimators", "zz-nan",
@@ -217,6 +222,7 @@ def test_editing_a_plugin_reruns_its_cells(setup, capsys):
     assert records(results)[-1]["estimator"] == "zz-nan" and records(results)[-1]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_recomputed_not_reused(setup, caplog):
     suite, _, results = setup
     args = ["run", "--suite", str(suite), "--results", str(results), "--estimators", "if-exact", "--no-progress"]
@@ -260,6 +266,7 @@ def test_bad_option_and_preset_are_clear_errors(tmp_path, capsys):
                  "--no-progress"]) == 0  # the suite's options for estimators left out are no obstacle
 
 
+@pytest.mark.slow
 def test_a_cached_model_keeps_its_parameter_order(tmp_path):
     """safetensors sorts names; the closed-form Hessian flattens in model order (weight, bias). A re-run
     that loads θ̂ from the cache must give if-exact the same scores as the run that trained it."""
@@ -326,6 +333,7 @@ def test_a_second_run_on_a_busy_results_folder_is_refused(setup, capsys):
     assert main(["run", "--suite", str(suite), "--results", str(results), "--estimators", "random", "--no-progress"]) == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_keeps_finished_cells(setup):
     import signal
     import time

@@ -10,6 +10,8 @@ from bench import scaling
 from bench.catalog import default_registries
 from bench.cli import main
 
+pytestmark = pytest.mark.slow  # sweeps that fit estimators at several sizes
+
 
 def test_slope_recovers_a_power_law_and_follows_it():
     xs = [100, 200, 400, 800]

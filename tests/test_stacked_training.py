@@ -100,6 +100,7 @@ def test_retrain_without_stacks_by_size_and_keeps_the_order():
         assert float(distances[i]) < 1e-3 * float(distances.sort().values[1])
 
 
+@pytest.mark.slow
 def test_throughput_command_reports_each_configuration(capsys):
     from bench.cli import main
 

@@ -32,6 +32,7 @@ def test_stacked_model_steps(benchmark, resnet, models):
     assert len(members) == models
 
 
+@pytest.mark.slow
 def test_stacks_over_two_worker_processes(benchmark, resnet):
     from bench.executors import LocalProcesses, RetrainChunk, RetrainProblem
     from tasks.base import RetrainSpec, TrainedModel
