@@ -8,12 +8,9 @@ silently reused.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.atomic import arrays_digest, atomic_savez, atomic_write
 from bench.groundtruth.base import GroundTruth
 from tasks.base import Checkpoint, TrainedModel
 
@@ -30,53 +28,6 @@ log = logging.getLogger(__name__)
 
 class CacheCorruptError(RuntimeError):
     """A cache file is unreadable or was written for other settings."""
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file. The file gets the
-    mode a plain ``open`` would (0666 less the umask, not ``mkstemp``'s 0600), so a shared results folder
-    stays readable; an OSError names ``path``."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise naming(err, path) from err
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise naming(err, path) from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def naming(err: OSError, path: Path) -> OSError:
-    """``err`` with ``path`` as its file name (same errno), unless it names a file already."""
-    if err.filename is not None:
-        return err
-    return type(err)(err.errno, err.strerror or str(err), str(path)) if err.errno is not None else \
-        OSError(f"{err} (writing {path})")
-
-
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_savez(path: Path, arrays: dict[str, np.ndarray], *, compressed: bool = False) -> None:
-    """``np.savez`` (or ``savez_compressed``) through :func:`atomic_write`, the file closed before the rename."""
-    save = np.savez_compressed if compressed else np.savez
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as file:  # a path would get ".npz" appended by numpy
-            save(file, **arrays)
-
-    atomic_write(path, write)
 
 
 class ArtifactCache:
@@ -140,16 +91,6 @@ class ArtifactCache:
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

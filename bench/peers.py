@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.cache import atomic_write
+from bench.atomic import atomic_write
 from bench.context import fit_context
 from estimators.base import Estimator, FitContext
 from tasks.base import Split, Task

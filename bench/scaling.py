@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from bench.atomic import atomic_write
 from bench.context import fit_context
 from bench.profile import profiled
 from estimators.autodiff import ALL_PARAMETERS, FlatLoss, hvp_operator
@@ -347,13 +347,10 @@ def fits(points: Sequence[Point]) -> dict[tuple[str, str, str], Slope]:
 
 def save(points: Sequence[Point], config: SweepConfig, folder: Path) -> Path:
     """Write ``profile.json`` whole or not at all (a temporary file renamed over it)."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / PROFILE_FILE
     payload = {"config": dataclasses.asdict(config), "threads": torch.get_num_threads(),
                "points": [dataclasses.asdict(p) for p in points]}
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(payload, indent=1))
-    os.replace(partial, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     return path
 
 

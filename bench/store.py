@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.cache import arrays_digest, atomic_savez, naming
+from bench.atomic import arrays_digest, atomic_savez, naming
 
 log = logging.getLogger(__name__)
 

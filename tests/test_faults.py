@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from bench.cache import arrays_digest
+from bench.atomic import arrays_digest
 from bench.cli import main
 
 SUITE = textwrap.dedent("""
