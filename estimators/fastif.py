@@ -17,7 +17,8 @@ from torch import Tensor
 from bench.registry import registered
 from estimators.base import SINGLE, Estimator, FitContext, NotApplicable
 from estimators.influence import LissaConfig, LissaInfluence
-from estimators.knn import IndexConfig, NeighbourIndex
+from estimators.knn import KNN_INDEXES, IndexConfig, NeighbourIndex
+from estimators.options import at_least, one_of, within
 from tasks.base import Split
 
 
@@ -39,6 +40,13 @@ class FastIfConfig:
     damping: float = 0.0
     parameters: tuple[str, ...] = ()
     grad_chunk: int = 64
+
+    def __post_init__(self) -> None:
+        at_least(1, k=self.k, n_lists=self.n_lists, n_probe=self.n_probe, depth=self.depth,
+                 batch_size=self.batch_size, repeats=self.repeats, grad_chunk=self.grad_chunk)
+        one_of("kNN index", self.index, KNN_INDEXES)
+        at_least(0, scale=self.scale)
+        within("damping", self.damping, 0, 1, why="LiSSA multiplies by 1 − damping each step")
 
 
 @registered("fastif")

@@ -29,6 +29,7 @@ from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads
 from estimators.base import PARAMETER_UPDATE, SINGLE, Estimator, FitContext
 from estimators.influence import cholesky_factor, dense_hessian, perturbation_gradient
+from estimators.options import at_least, one_of
 from estimators.target_params import (
     NEURON_RULES,
     SELECTION_RULES,
@@ -51,6 +52,13 @@ class GifConfig:
     grad_chunk: int = 64
     max_parameters: int = 12_000
 
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1] (the share of parameters moved), got {self.ratio!r}")
+        one_of("rule", self.rule, SELECTION_RULES)
+        at_least(0, damping=self.damping)
+        at_least(1, grad_chunk=self.grad_chunk, max_parameters=self.max_parameters)
+
 
 class TargetedInfluence(Estimator):
     """Shared: Hessian, selection and scoring; subclasses solve for x_S."""
@@ -61,10 +69,6 @@ class TargetedInfluence(Estimator):
 
     def fit(self, ctx: FitContext) -> None:
         cfg = self.config
-        if not 0.0 < cfg.ratio <= 1.0:
-            raise ValueError(f"{self.name}: ratio must be in (0, 1], got {cfg.ratio}")
-        if cfg.rule not in SELECTION_RULES:
-            raise ValueError(f"{self.name}: unknown rule {cfg.rule!r}. Valid: {', '.join(SELECTION_RULES)}")
         self.ctx = ctx
         self.flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss, cfg.parameters or ctx.default_parameters or None)
         self._info: dict[str, float] = {"n_parameters": float(self.flat.size)}

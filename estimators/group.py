@@ -31,6 +31,7 @@ from bench.registry import registered
 from estimators.autodiff import hvp_operator
 from estimators.base import GROUP, PARAMETER_UPDATE, SINGLE, FitContext
 from estimators.influence import InverseHvpInfluence, cg_solver, exact_solver
+from estimators.options import at_least, one_of, positive
 from tasks.base import Params, Split
 
 GROUP_SOLVERS = ("auto", "cg", "exact")
@@ -52,6 +53,14 @@ class GroupConfig:
     hvp_chunk: int = 2048
     max_parameters: int = 12_000
 
+    def __post_init__(self) -> None:
+        one_of("solver", self.solver, GROUP_SOLVERS)
+        one_of("normalisation", self.normalisation, NORMALISATIONS)
+        positive(tol=self.tol)
+        at_least(1, max_iter=self.max_iter, grad_chunk=self.grad_chunk, hvp_chunk=self.hvp_chunk,
+                 max_parameters=self.max_parameters)
+        at_least(0, damping=self.damping)
+
 
 class GroupInfluence(InverseHvpInfluence):
     """Shared machinery; ``second_order`` adds Basu et al.'s I′ term."""
@@ -62,10 +71,6 @@ class GroupInfluence(InverseHvpInfluence):
 
     def prepare(self, ctx: FitContext) -> None:
         cfg = self.config
-        if cfg.solver not in GROUP_SOLVERS:
-            raise ValueError(f"{self.name}: unknown solver {cfg.solver!r}. Valid: {', '.join(GROUP_SOLVERS)}")
-        if cfg.normalisation not in NORMALISATIONS:
-            raise ValueError(f"{self.name}: unknown normalisation {cfg.normalisation!r}. Valid: {', '.join(NORMALISATIONS)}")
         solver = cfg.solver if cfg.solver != "auto" else ("exact" if self.flat.size <= cfg.max_parameters else "cg")
         self._info["exact_solver"] = float(solver == "exact")
         if solver == "exact":

@@ -19,6 +19,7 @@ from bench.registry import registered
 from bench.seeding import torch_generator
 from estimators.autodiff import FlatLoss, full_hessian, hvp_operator, per_example_grads
 from estimators.base import PARAMETER_UPDATE, SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
+from estimators.options import at_least, positive, within
 from estimators.solvers import SolverDivergedError, conjugate_gradient, lissa, top_eigenvalue
 from tasks.base import Params, Split
 
@@ -102,6 +103,10 @@ class ExactConfig:
     parameters: tuple[str, ...] = ()
     grad_chunk: int = 64
     max_parameters: int = 12_000
+
+    def __post_init__(self) -> None:
+        at_least(0, damping=self.damping)
+        at_least(1, grad_chunk=self.grad_chunk, max_parameters=self.max_parameters)
 
 
 @registered("if-exact")
@@ -188,6 +193,9 @@ class CgConfig:
 
     def __post_init__(self) -> None:
         check_solver_dtype(self.dtype)
+        positive(tol=self.tol)
+        at_least(1, max_iter=self.max_iter, grad_chunk=self.grad_chunk, hvp_chunk=self.hvp_chunk)
+        at_least(0, damping=self.damping)
 
 
 @registered("if-cg")
@@ -223,6 +231,9 @@ class LissaConfig:
 
     def __post_init__(self) -> None:
         check_solver_dtype(self.dtype)
+        at_least(1, depth=self.depth, repeats=self.repeats, batch_size=self.batch_size, grad_chunk=self.grad_chunk)
+        at_least(0, scale=self.scale, auto_retries=self.auto_retries)
+        within("damping", self.damping, 0, 1, why="LiSSA multiplies by 1 − damping each step")
 
 
 def lissa_auto_scale(flat: FlatLoss, train: Split, l2: float, seed: int) -> float:

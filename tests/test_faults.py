@@ -192,3 +192,18 @@ def test_files_are_created_with_the_users_umask_and_a_held_folder_is_not_rewritt
         assert main(["leaderboard", "--results", str(toy / "r"), "--no-figures"]) == 2
     assert f"pid {os.getpid()}" in capsys.readouterr().err
     assert main(["leaderboard", "--results", str(toy / "r"), "--no-figures"]) == 0
+
+
+@pytest.mark.parametrize(("estimator", "option", "message"), [
+    ("fastif", "k = 0", "k must be ≥ 1, got 0"),
+    ("gif", "ratio = 2.0", "ratio must be in (0, 1]"),
+    ("group-if-1", 'solver = "nope"', "unknown solver 'nope'. Valid: auto, cg, exact"),
+    ("if-lissa", "damping = 5.0", "damping must be in [0, 1)"),
+    ("if-cg", "tol = 0.0", "tol must be > 0"),
+    ("if-exact", "damping = -1.0", "damping must be ≥ 0"),
+])
+def test_bad_estimator_options_are_refused_at_planning(toy, capsys, estimator, option, message):
+    (toy / "toy.toml").write_text(SUITE + f"\n[estimator_options.{estimator}]\n{option}\n")
+    assert run(toy, "r", estimator) == 2
+    err = capsys.readouterr().err
+    assert f"estimator {estimator}: {message}" in err and not (toy / "r").exists()
