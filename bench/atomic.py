@@ -6,7 +6,6 @@ without loading torch.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import tempfile
@@ -46,8 +45,14 @@ def naming(err: OSError, path: Path) -> OSError:
     return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
-@functools.cache
 def _umask() -> int:
+    """The process's umask now: read from ``/proc`` (Linux), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

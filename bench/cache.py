@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from bench.atomic import arrays_digest, atomic_savez, atomic_write
 from bench.groundtruth.base import GroundTruth
@@ -44,7 +44,8 @@ class ArtifactCache:
         """Weights first, then the metadata with their checksum: metadata on disk implies whole weights."""
         weights, info = self.model_paths(key)
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        atomic_write(weights, lambda p: save_file(cpu, str(p), metadata={"key": key}))
+        payload = save(cpu, metadata={"key": key})  # bytes, written by Python's I/O: a full disk is an OSError
+        atomic_write(weights, lambda p: p.write_bytes(payload))
         record = {"key": key, "sha256": _file_digest(weights), **meta}
         atomic_write(info, lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True)))
 

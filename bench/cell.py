@@ -129,7 +129,8 @@ class CellRunner:
             return self._run_cell(job, protocol_plan, est, fitted)
         except Exception as err:
             record = base_record(self.plan, job.planned, job.task.base_model, protocol_plan, est, job.keys[cell])
-            return failed(record, Failure.of(err), f"cell {job.planned.spec.name}/{'/'.join(cell)}: ")
+            return failed({**record, "task_diagnostics": job.base.diagnostics}, Failure.of(err),
+                          f"cell {job.planned.spec.name}/{'/'.join(cell)}: ")
 
     def _fit(self, est: PlannedComponent, task: Task, data: TaskData, base: TrainedModel, planned: PlannedTask,
              fitted: dict[str, Fitted], fit_key: str) -> Fitted:
@@ -143,7 +144,7 @@ class CellRunner:
             if view is not None:
                 train, queries = self._view_split(view, base, data.train), self._view_split(view, base, data.queries)
         except Exception as err:
-            view, failure = None, Failure.of(err, "head view failed: ")
+            view, failure = None, Failure.of(err, "fit failed: head view failed: ")
         with profiled(self.device) as prof:
             try:
                 if failure is None:

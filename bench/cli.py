@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, with_overrides
+from bench.preflight import check_device, check_writable, slug
 from bench.registry import RegistryError
 
-#: Exit codes: 0 every cell ok or not applicable; 1 the run finished but some cell failed (recorded);
-#: 2 refused before any work (bad name, option, value or path); 130 interrupted (finished cells kept).
+#: Exit codes: 0 every cell of the plan ok or not applicable; 1 some cell of the plan is failed in the folder
+#: (recorded); 2 refused before any work (bad name, option, value or path); 3 stopped: a cached θ̂ or ground
+#: truth differs from what the folder's records were judged against; 130 interrupted (finished cells kept).
 EXIT_FAILED_CELLS = 1
 EXIT_USAGE = 2
+EXIT_MIXED_TRUTH = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -155,7 +157,7 @@ def _execute(plan: Any, results: Path, args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     except MixedTruthError as err:
         print(f"ifbench: error: {err}", file=sys.stderr)
-        return EXIT_FAILED_CELLS
+        return EXIT_MIXED_TRUTH
     except KeyboardInterrupt:
         kept = len(ResultsStore(results).latest())
         print(f"\nifbench: interrupted; {kept} cell(s) finished and kept in {results}; re-run the same command to resume",
@@ -173,33 +175,6 @@ def _execute(plan: Any, results: Path, args: argparse.Namespace) -> int:
     if failed:
         print(f"ifbench: {failed} cell(s) of this plan are failed in {results}", file=sys.stderr)
     return EXIT_FAILED_CELLS if failed else 0
-
-
-def check_device(device: str) -> None:
-    """Refuse a CUDA device on a machine without one, before any folder is made (torch imported only then)."""
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} was asked for but torch.cuda.is_available() is False; use --device cpu")
-
-
-def slug(name: str) -> str:
-    """A suite name as one safe folder name: never a path (no separators, no '..'), never empty."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-") or "suite"
-
-
-def check_writable(results: Path) -> None:
-    """Refuse a results folder that cannot be written, before any training."""
-    if results.exists() and not results.is_dir():
-        raise ConfigError(f"results path {results} exists and is not a folder")
-    try:
-        results.mkdir(parents=True, exist_ok=True)
-        probe = results / ".ifbench-write-check"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"results folder {results} is not writable: {err.strerror or err}") from None
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -224,34 +199,39 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.leaderboard import write_leaderboard
-    from bench.store import FolderBusyError, refuse_if_busy
+    from bench.store import FolderBusyError, shared
 
     if not (args.results / "records.jsonl").exists():
         raise ConfigError(f"no results in {args.results} (records.jsonl is missing): run `ifbench run` first")
     try:
-        refuse_if_busy(args.results)
+        with shared(args.results):
+            out = _write_board(args)
     except FolderBusyError as err:
         raise ConfigError(str(err)) from None
+    print(f"ifbench: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _write_board(args: argparse.Namespace) -> Path:
+    """The leaderboard (and with ``--records`` the records and measurements shown) from ``args.results``."""
+    from bench.leaderboard import write_leaderboard
+
     out = write_leaderboard(args.results, args.out or args.results / "leaderboard.md", with_figures=not args.no_figures)
     if args.records:
         import json
         import shutil
 
-        from bench import scaling
+        from bench import peers, scaling
         from bench.pooling import select_latest
         from bench.store import ResultsStore
 
         shown = select_latest(ResultsStore(args.results).records())
         (out.parent / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in shown))
-        from bench import peers
-
         for name in (scaling.PROFILE_FILE, peers.PEERS_FILE):  # the scaling and peers sections' measurements
             source = args.results / name
             if source.exists() and source.resolve() != (out.parent / name).resolve():
                 shutil.copyfile(source, out.parent / name)
-    print(f"ifbench: wrote {out}", file=sys.stderr)
-    return 0
+    return out
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:

@@ -24,37 +24,46 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.
                                 errno.EINTR, errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ESTALE})
 
 
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and what it was explicitly raised from (``raise ... from``), outermost first. An exception that
+    was only being handled when ``err`` was raised (``__context__``) is not a cause: a fallback that fails after
+    an ImportError is the fallback's failure."""
     found: list[BaseException] = []
     while err is not None and err not in found:
         found.append(err)
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return found
 
 
 def missing_module(err: BaseException) -> str | None:
-    """The top-level module whose import failed somewhere in ``err``'s chain, if any."""
-    for link in _chain(err):
-        if isinstance(link, ImportError) and link.name:
-            return link.name.split(".")[0]
+    """The module (its full dotted name) whose absence made ``err``: a ModuleNotFoundError, or an exception
+    raised from one (an estimator's NotApplicable "captum is not installed")."""
+    for link in _causes(err):
+        if isinstance(link, ModuleNotFoundError) and link.name:
+            return link.name
     return None
 
 
 def cause_of(err: BaseException) -> dict[str, Any]:
-    """Record fields for a failure: ``{"cause": ...}``, with ``missing_module`` when an import failed."""
+    """Record fields for a failure: ``{"cause": ...}``, with ``missing_module`` when a module was missing."""
     module = missing_module(err)
     if module is not None:
         return {"cause": ENVIRONMENT, "missing_module": module}
-    if any(isinstance(link, OSError) and link.errno in ENVIRONMENT_ERRNOS for link in _chain(err)):
+    if any(isinstance(link, OSError) and link.errno in ENVIRONMENT_ERRNOS for link in _causes(err)):
         return {"cause": ENVIRONMENT}
     return {"cause": CELL}
 
 
+def importable(module: str) -> bool:
+    """Whether ``module`` (a dotted name) can be found now, without importing it (its parents may be)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module without a spec
+        return False
+
+
 def describe(err: BaseException) -> str:
-    """``Type: message (at file:line)``; ``sys.exit`` named as such."""
-    if isinstance(err, SystemExit):
-        return f"the estimator called sys.exit({err.code!r})"
+    """``Type: message (at file:line)``."""
     frames = traceback.extract_tb(err.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
     return f"{type(err).__name__}: {err}{where}"
@@ -63,8 +72,8 @@ def describe(err: BaseException) -> str:
 def retry_reason(record: dict[str, Any]) -> str | None:
     """Why a finished cell's record should be run again by the same command, or None if it stands."""
     module = record.get("missing_module")
-    if module and record.get("status") != "ok" and importlib.util.find_spec(module) is not None:
-        return f"{module} imports now"
+    if module and record.get("status") != "ok":  # it stands until the module can be found
+        return f"{module} imports now" if importable(module) else None
     if record.get("status") == "failed" and record.get("cause") == ENVIRONMENT:
         return f"it failed on a fault of the environment ({record.get('error')})"
     return None

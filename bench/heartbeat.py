@@ -52,5 +52,5 @@ def heartbeat(desc: str, *, enabled: bool = True, interval_s: float = INTERVAL_S
             yield
     finally:
         bar.close()
-        if time.monotonic() - started >= interval_s:
-            tqdm.write(f"{desc}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    if time.monotonic() - started >= interval_s:  # only when the work finished (not on an exception)
+        tqdm.write(f"{desc}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench.failures import cause_of
 from bench.profile import current_rss_mb
 
 POLL_SECONDS = 0.05
@@ -68,14 +69,17 @@ def _worker_main(conn: Any, plugins: Sequence[str], payload: bytes) -> None:
         conn.send(("exited", exit_code(err)))
         raise
     except Exception as err:  # the harness's own failure in the worker (the job catches estimators' errors)
-        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
+        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}", cause_of(err)))
     finally:
         conn.close()
 
 
 def exit_code(err: SystemExit) -> int:
-    """The process exit status ``sys.exit(err.code)`` gives (None: 0; an int: itself; anything else: 1)."""
-    return 0 if err.code is None else err.code if isinstance(err.code, int) else 1
+    """The process exit status ``sys.exit(err.code)`` gives: None 0, an int modulo 256 (as the OS reports it:
+    ``sys.exit(-1)`` is 255), anything else 1."""
+    if err.code is None:
+        return 0
+    return err.code & 0xFF if isinstance(err.code, int) else 1
 
 
 def _death(exitcode: int | None) -> str:
@@ -118,7 +122,7 @@ def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tupl
                     yield ("died", in_flight, _death(message[1]))
                     return
                 elif message[0] == "error":
-                    yield ("died", in_flight, f"the worker failed: {message[1]}")
+                    yield ("died", in_flight, f"the worker failed: {message[1]}", message[2])
                     return
                 yield message
                 if message[0] == "done":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import logging
 from collections.abc import Callable, Iterator
@@ -74,6 +75,34 @@ class RunSummary:
     retried: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Judged:
+    """What one base model's cells are judged against: the keys and digests of θ̂ and of each protocol's
+    ground truth (``truths[protocol] = (truth key, digest)``), written into every record."""
+
+    task_key: str
+    base_digest: str
+    truths: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def fields(self, protocol: str) -> dict[str, str | None]:
+        truth_key, truth_digest = self.truths.get(protocol, (None, None))
+        return {"task_key": self.task_key, "base_digest": self.base_digest, "truth_key": truth_key,
+                "truth_digest": truth_digest}
+
+
+def folder_digests(records: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Every digest the folder's records name, by the cache key of what it digests (a θ̂'s task key, a ground
+    truth's key), whatever estimator, plan or cell key the records belong to (records from before digests
+    name none)."""
+    found: dict[str, set[str]] = {}
+    for record in records:
+        for key, digest in ((record.get("task_key"), record.get("base_digest")),
+                            (record.get("truth_key"), record.get("truth_digest"))):
+            if key and digest:
+                found.setdefault(key, set()).add(digest)
+    return found
+
+
 class Runner:
     """Executes a :class:`Plan` into a results directory."""
 
@@ -87,31 +116,38 @@ class Runner:
         self.device = torch.device(self.suite.device)
         #: where ground truth's retrains run (set for the length of :meth:`run`)
         self.executor: Executor = InProcess()
+        #: digests the folder's records name, by cache key (set by :meth:`run`)
+        self.judged_digests: dict[str, set[str]] = {}
+        #: finished cells to run again, and why (set by :meth:`run`)
+        self.retry: dict[str, str] = {}
 
     def run(self) -> RunSummary:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
         torch.set_num_threads(self.suite.threads)
         summary = RunSummary()
-        done = self._finished(summary)
+        done = self._finished()
         with make_executor(self.suite.workers, self.suite.scheduler, self.plugins) as self.executor:
             for planned in self.plan.tasks:
                 self._run_task(planned, done, summary)
         return summary
 
-    def _finished(self, summary: RunSummary) -> dict[str, dict[str, Any]]:
+    def _finished(self) -> dict[str, dict[str, Any]]:
         """The folder's finished cells by key: ok, not applicable and (unless ``retry_failed``) failed ones,
-        less those to run again now (their reasons go to ``summary.retried``)."""
+        less those to run again now (:attr:`retry`); also the digests its records name."""
+        latest = self.store.latest()
+        self.judged_digests = folder_digests(list(latest.values()))
         finished = {"ok", NOT_APPLICABLE} | (set() if self.retry_failed else {"failed"})
         done = {}
-        for key, record in self.store.latest().items():
+        importlib.invalidate_caches()  # a package installed since the last run is found
+        for key, record in latest.items():
             if record.get("status") not in finished:
                 continue
             why = retry_reason(record)
             if why is None:
                 done[key] = record
             else:
-                summary.retried.append(f"{record.get('task')}/{record.get('protocol')}/{record.get('estimator')}: {why}")
+                self.retry[key] = f"{record.get('task')}/{record.get('protocol')}/{record.get('estimator')}: {why}"
         return done
 
     # -- task level ----------------------------------------------------------
@@ -141,29 +177,30 @@ class Runner:
         judged = [done[key] for key in keys.values() if key in done]
         summary.skipped += len(judged)
         summary.failed_before += sum(record.get("status") == "failed" for record in judged)
+        summary.retried += [self.retry[key] for key in keys.values() if key in self.retry]
         label = name if planned.spec.base_models == 1 else f"{name} base model {base_model + 1}/{planned.spec.base_models}"
         if not pending:
             log.info("%s: all %d cells already finished", label, len(cells))
             return
         with heartbeat(f"{label}: loading data", enabled=self.progress):
             data = data_of(task)
-        base, digests = self._trained_base(task, data, task_key, label, _judged_digests(judged, "base_digest"))
+        base, stamp = self._trained_base(task, data, task_key, label)
         truths: dict[str, GroundTruth | Failure] = {}
         for protocol_plan in planned.protocols:
             if any(q.name == protocol_plan.name for q, _ in pending):
-                expected = _judged_digests([r for r in judged if r.get("protocol") == protocol_plan.name], "truth_digest")
                 try:
-                    truths[protocol_plan.name], digests[protocol_plan.name] = self._ground_truth(
-                        task, data, base, task_key, protocol_plan, expected)
+                    truth, truth_key, digest = self._ground_truth(task, data, base, task_key, protocol_plan, label)
                 except MixedTruthError:
                     raise
                 except Exception as err:  # recorded in every cell of this protocol; the run goes on
                     log.error("ground truth %s/%s failed: %s", label, protocol_plan.name, err)
                     truths[protocol_plan.name] = Failure.of(err)
+                else:
+                    truths[protocol_plan.name], stamp.truths[protocol_plan.name] = truth, (truth_key, digest)
         job = CellJob(self.plan, self.results_dir, task, data, base, planned, truths, tuple(pending), keys, predictions)
-        self._relay(job, label, digests, summary)
+        self._relay(job, label, stamp, summary)
 
-    def _relay(self, job: CellJob, label: str, digests: dict[str, str], summary: RunSummary) -> None:
+    def _relay(self, job: CellJob, label: str, stamp: Judged, summary: RunSummary) -> None:
         """Run the job's cells and keep their records; a worker that dies takes its estimator's unfinished
         cells of this task with it (recorded as failed) and the rest go on in a new one."""
         bar = tqdm(total=len(job.pending), desc=label, unit="cell", disable=not self.progress)
@@ -171,17 +208,17 @@ class Runner:
         while remaining:
             job = dataclasses.replace(job, pending=tuple(remaining))
             with refreshing(bar):
-                self._take(job, remaining, digests, summary, bar)
+                self._take(job, remaining, stamp, summary, bar)
         bar.close()
 
-    def _take(self, job: CellJob, remaining: list[Cell], digests: dict[str, str], summary: RunSummary,
+    def _take(self, job: CellJob, remaining: list[Cell], stamp: Judged, summary: RunSummary,
               bar: Any) -> None:
         """Keep the records of one worker's (or this process's) run of ``job``, until it ends or dies."""
         for message in (self._isolated(job) if self.suite.isolate else _in_process(job)):
             if message[0] == "start":
                 bar.set_postfix_str("/".join(message[1]))
             elif message[0] == "record":
-                self._keep(message[2], summary, digests)
+                self._keep(message[2], summary, stamp)
                 remaining.remove(_pair(message[1], remaining))
                 bar.update(1)
             elif message[0] == "died":
@@ -189,7 +226,8 @@ class Runner:
                     record = base_record(self.plan, job.planned, job.task.base_model, cell[0], cell[1],
                                          job.keys[cell[0].name, cell[1].name])
                     record["error"] = f"{message[2]} ({_where(message[1], cell)}; the run went on)"
-                    self._keep(record, summary, digests)
+                    record.update(message[3] if len(message) > 3 else {})
+                    self._keep(record, summary, stamp)
                     remaining.remove(cell)
                     bar.update(1)
 
@@ -206,9 +244,9 @@ class Runner:
             return list(remaining)
         return [cell for cell in remaining if cell[1].name == in_flight[1]]
 
-    def _keep(self, record: dict[str, Any], summary: RunSummary, digests: dict[str, str]) -> None:
-        """Append ``record`` with the digests of the θ̂ and ground truth it was judged against."""
-        record = {**record, "base_digest": digests["base"], "truth_digest": digests.get(record["protocol"])}
+    def _keep(self, record: dict[str, Any], summary: RunSummary, stamp: Judged) -> None:
+        """Append ``record`` with the keys and digests of the θ̂ and ground truth it was judged against."""
+        record = {**record, **stamp.fields(record["protocol"])}
         if record["status"] == "failed":
             record.setdefault("cause", "cell")
         self.store.append(record)
@@ -229,17 +267,17 @@ class Runner:
     def _protocol_key_parts(self, protocol: PlannedComponent) -> tuple:
         return (protocol.name, protocol.cls.version, protocol.config, derive_seed(self.suite.seed, "protocol", protocol.name))
 
-    def _trained_base(self, task: Task, data: TaskData, task_key: str, label: str,
-                      expected: set[str]) -> tuple[TrainedModel, dict[str, str]]:
-        """θ̂ of the task's base model (from the cache, else trained and cached) and ``{"base": its digest}``.
-        A cached θ̂ other than the one finished cells were judged against (``expected``) is trained again."""
+    def _trained_base(self, task: Task, data: TaskData, task_key: str, label: str) -> tuple[TrainedModel, Judged]:
+        """θ̂ of the task's base model (from the cache, else trained and cached) with its stamp. A cached θ̂
+        other than the one the folder's records were judged against is trained again."""
+        expected = self.judged_digests.get(task_key, set())
         cached = load_or_none(self.cache.load_model, task_key)
         if cached is not None:
             base = self._unpack(cached, task)
             digest = model_digest(base)
             if not expected or digest in expected:
-                return base, {"base": digest}
-            log.warning("%s differs from the θ̂ this folder's finished cells were judged against; training it again",
+                return base, Judged(task_key, digest)
+            log.warning("%s differs from the θ̂ this folder's records were judged against; training it again",
                         self.cache.model_paths(task_key)[0])
         log.info("training %s (cache key %s)", task.name, task_key)
         with profiled(self.device) as prof, heartbeat(f"{label}: training θ̂", enabled=self.progress):
@@ -247,12 +285,11 @@ class Runner:
         base.diagnostics["train_seconds"] = prof.seconds
         digest = model_digest(base)
         if expected and digest not in expected:
-            raise MixedTruthError(f"θ̂ of {label} trained again differs from the one this folder's finished cells were "
-                                  f"judged against ({digest[:12]} vs {', '.join(sorted(d[:12] for d in expected))}): "
-                                  f"use another --results folder, or delete {self.results_dir / 'records.jsonl'} to judge "
-                                  "every cell again")
+            raise MixedTruthError(f"θ̂ of {label} trained again differs from the one this folder's records were judged "
+                                  f"against ({digest[:12]} vs {', '.join(sorted(d[:12] for d in expected))}): use "
+                                  f"another --results folder, or delete {self.store.path} to judge every cell again")
         self.cache.save_model(task_key, *pack_trained(base, task.name))
-        return base, {"base": digest}
+        return base, Judged(task_key, digest)
 
     def _unpack(self, cached: tuple[dict[str, torch.Tensor], dict[str, Any]], task: Task) -> TrainedModel:
         """A cached model on the run's device, its parameters in the model's order (the cache records the
@@ -266,20 +303,21 @@ class Runner:
         return protocol_plan.cls(protocol_plan.config, seed=derive_seed(self.suite.seed, "protocol", protocol_plan.name))
 
     def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, task_key: str,
-                      protocol_plan: PlannedComponent, expected: set[str]) -> tuple[GroundTruth, str]:
-        """The cached ground truth (or a fresh one, then cached) and its digest, with its noise ceiling judged
-        anew each time (like the metrics: a change in how the ceiling is computed needs no retraining). A cached
-        truth other than the one finished cells were judged against (``expected``) is computed again."""
+                      protocol_plan: PlannedComponent, label: str) -> tuple[GroundTruth, str, str]:
+        """The cached ground truth (or a fresh one, then cached), its cache key and digest, with its noise ceiling
+        judged anew each time (like the metrics: a change in how the ceiling is computed needs no retraining).
+        A cached truth other than the one the folder's records were judged against is computed again."""
         key = stable_hash(task_key, self._protocol_key_parts(protocol_plan))
+        expected = self.judged_digests.get(key, set())
         protocol = self._protocol(protocol_plan)
         truth = self._cached_truth(task, key, protocol_plan.name)
         digest = truth_digest(truth) if truth is not None else None
         if truth is not None and expected and digest not in expected:
-            log.warning("%s differs from the ground truth this folder's finished cells were judged against; "
-                        "computing it again", self.cache.groundtruth_path(key))
+            log.warning("%s differs from the ground truth this folder's records were judged against; computing it "
+                        "again", self.cache.groundtruth_path(key))
             truth = None
         if truth is None:
-            with profiled(self.device) as prof, heartbeat(f"{task.name}: ground truth {protocol_plan.name}",
+            with profiled(self.device) as prof, heartbeat(f"{label}: ground truth {protocol_plan.name}",
                                                           enabled=self.progress):
                 truth = protocol.compute(task, data, base, progress=self.progress, executor=self.executor)
             truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, "seconds": prof.seconds,
@@ -287,13 +325,14 @@ class Runner:
             digest = truth_digest(truth)
             if expected and digest not in expected:
                 raise MixedTruthError(f"ground truth {self.cache.groundtruth_path(key)} computed again differs from the "
-                                      "one this folder's finished cells were judged against: use another --results "
-                                      f"folder, or delete {self.results_dir / 'records.jsonl'} to judge every cell again")
+                                      "one this folder's records were judged against: use another --results folder, "
+                                      f"or delete {self.store.path} to judge every cell again")
             if truth.model is not None:  # the model first: a ground truth on disk implies its model is there
                 self.cache.save_model(f"{key}-model", *pack_trained(truth.model, task.name))
             self.cache.save_arrays(key, *pack_truth(truth))
         settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "ceiling", key))
-        return dataclasses.replace(truth, diagnostics={**truth.diagnostics, **protocol.noise_ceiling(truth, settings)}), digest
+        truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, **protocol.noise_ceiling(truth, settings)})
+        return truth, key, digest
 
     def _cached_truth(self, task: Task, key: str, name: str) -> GroundTruth | None:
         cached = load_or_none(self.cache.load_arrays, key)
@@ -316,11 +355,6 @@ def _in_process(job: CellJob) -> Iterator[tuple]:
     except SystemExit as err:
         yield ("died", in_flight, f"the estimator called sys.exit({err.code!r}), which would end the run (exit code "
                f"{exit_code(err)}; --no-isolate runs cells in this process)")
-
-
-def _judged_digests(records: list[dict[str, Any]], field_name: str) -> set[str]:
-    """The digests finished records name under ``field_name`` (records from before digests name none)."""
-    return {record[field_name] for record in records if record.get(field_name)}
 
 
 def _where(in_flight: tuple[str, str] | None, cell: tuple[PlannedComponent, PlannedComponent]) -> str:

@@ -58,20 +58,23 @@ def exclusive(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def refuse_if_busy(directory: Path) -> None:
-    """Raise FolderBusyError if a run holds ``directory``'s lock (a reader that writes beside the records, such
-    as ``ifbench leaderboard``, waits for no one and creates no lock file)."""
-    path = directory / LOCK_FILE
-    if not path.exists():
-        return
-    with path.open("r") as handle:
+@contextlib.contextmanager
+def shared(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock shared while reading records and writing beside them (``ifbench leaderboard``):
+    refused at once while a run holds it, and a run cannot start meanwhile."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_FILE).open("a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise FolderBusyError(f"{directory} is in use by {holder}: its leaderboard is rewritten when that run "
                                   "ends; wait for it") from None
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _json_safe(value: Any) -> Any:

@@ -89,10 +89,23 @@ def test_a_truth_rewritten_with_its_checksum_recomputed_is_not_used_for_new_cell
     arrays["__sha256__"] = np.array(arrays_digest(payload))
     with path.open("wb") as file:
         np.savez(file, **arrays)
-    assert run(toy, "tampered", "grad-dot", "if-exact") == 0
+    assert run(toy, "tampered", "if-exact") == 0  # a new estimator alone: the folder's records still count
     tampered = latest(toy / "tampered")
     assert tampered["if-exact"]["truth_digest"] == tampered["grad-dot"]["truth_digest"] == clean["if-exact"]["truth_digest"]
     assert tampered["if-exact"]["metrics"] == clean["if-exact"]["metrics"]  # judged against the truth, not its negation
+
+
+def test_a_truth_that_still_differs_after_recomputing_stops_the_run_naming_the_file(toy, capsys):
+    assert run(toy, "r", "grad-dot") == 0
+    path = toy / "r" / "records.jsonl"
+    [record] = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text(json.dumps({**record, "truth_digest": "0" * 64}) + "\n")  # judged against another truth
+    capsys.readouterr()
+    assert run(toy, "r", "if-exact") == 3
+    err = capsys.readouterr().err
+    assert "computed again differs from the one this folder's records were judged against" in err
+    assert str(toy / "r" / "cache" / "groundtruth") in err
+    assert len(path.read_text().splitlines()) == 1  # nothing judged against the other truth
 
 
 def test_a_disk_full_while_saving_the_truth_is_retried_by_the_same_command(toy, monkeypatch, capsys):
@@ -147,7 +160,9 @@ def test_sys_exit_in_process_fails_its_cell_and_the_run_goes_on(toy, capsys):
     assert run(toy, "r", "zz-exit", "grad-dot") == 1
     cells = latest(toy / "r")
     assert cells["grad-dot"]["status"] == "ok"
-    assert cells["zz-exit"]["status"] == "failed"
+    assert (cells["zz-exit"]["status"], cells["zz-exit"]["cause"]) == ("failed", "cell")
+    assert cells["zz-exit"]["truth_digest"] == cells["grad-dot"]["truth_digest"] is not None
+    assert cells["zz-exit"]["base_digest"] == cells["grad-dot"]["base_digest"] is not None
     assert "the estimator called sys.exit(3)" in cells["zz-exit"]["error"] and "in this cell" in cells["zz-exit"]["error"]
     assert "zz-exit" in capsys.readouterr().err
 
@@ -178,14 +193,14 @@ def test_a_malformed_suite_is_refused_before_torch_is_imported(tmp_path):
 
 
 def test_files_are_created_with_the_users_umask_and_a_held_folder_is_not_rewritten(toy, capsys):
-    previous = os.umask(0o022)
+    previous = os.umask(0o027)  # not the usual 022: the mode must follow whatever the user set
     try:
         assert run(toy, "r", "grad-dot") == 0
     finally:
         os.umask(previous)
     written = [p for p in (toy / "r").rglob("*") if p.is_file() and p.name != ".lock"]
     assert any(p.suffix == ".npz" for p in written) and any(p.suffix == ".safetensors" for p in written)
-    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o640)}
     from bench.store import exclusive
 
     with exclusive(toy / "r"):
@@ -207,3 +222,44 @@ def test_bad_estimator_options_are_refused_at_planning(toy, capsys, estimator, o
     assert run(toy, "r", estimator) == 2
     err = capsys.readouterr().err
     assert f"estimator {estimator}: {message}" in err and not (toy / "r").exists()
+
+
+def _raised(function):
+    try:
+        function()
+    except Exception as err:
+        return err
+    raise AssertionError("did not raise")
+
+
+def test_only_what_an_error_was_raised_from_decides_its_cause():
+    from bench.failures import cause_of
+    from estimators.base import NotApplicable
+
+    def fallback_fails():
+        try:
+            import zz_absent_package  # noqa: F401
+        except ImportError:
+            raise ValueError("the fallback's own bug") from None
+
+    def name_missing_from_a_module():
+        from json import zz_no_such_name  # noqa: F401
+
+    def not_installed():
+        try:
+            import zz_absent_package.sub  # noqa: F401
+        except ImportError as err:
+            raise NotApplicable("zz_absent_package is not installed") from err
+
+    def handled_disk_full_then_a_bug():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            pass
+        raise KeyError("bug")
+
+    assert cause_of(_raised(fallback_fails)) == {"cause": "cell"}
+    assert cause_of(_raised(name_missing_from_a_module)) == {"cause": "cell"}
+    assert cause_of(_raised(not_installed)) == {"cause": "environment", "missing_module": "zz_absent_package"}
+    assert cause_of(_raised(handled_disk_full_then_a_bug)) == {"cause": "cell"}
+    assert cause_of(OSError(errno.EACCES, "Permission denied")) == {"cause": "environment"}

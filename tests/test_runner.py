@@ -302,7 +302,7 @@ def test_a_cached_model_keeps_its_parameter_order(tmp_path):
 
 
 def test_suite_names_are_folder_names_not_paths():
-    from bench.cli import slug
+    from bench.preflight import slug
 
     assert slug("default") == "default" and slug("my suite v2") == "my-suite-v2"
     for name in ("/some/absolute/path", "../../..", "a/../../b", "..", ""):
