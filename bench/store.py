@@ -35,18 +35,28 @@ class FolderBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive(directory: Path) -> Iterator[None]:
-    """Hold ``directory``'s advisory lock (one writer per results folder); refuse at once if it is taken."""
+def _locked(directory: Path, mode: int, busy: str) -> Iterator[Any]:
+    """``directory``'s lock file held in ``mode`` (``fcntl.LOCK_EX`` or ``LOCK_SH``), yielding its handle;
+    refused at once, naming the holder and then ``busy``, while another process holds it."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
-    with path.open("a+") as handle:
+    with (directory / LOCK_FILE).open("a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise FolderBusyError(f"{directory} is in use by {holder} (another `ifbench run`); wait for it to "
-                                  "finish, or write to another --results folder") from None
+            raise FolderBusyError(f"{directory} is in use by {holder}{busy}") from None
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s advisory lock (one writer per results folder); refuse at once if it is taken."""
+    busy = " (another `ifbench run`, or `ifbench leaderboard`); wait for it to finish, or write to another --results folder"
+    with _locked(directory, fcntl.LOCK_EX, busy) as handle:
         handle.seek(0)
         handle.truncate()
         handle.write(f"ifbench run, pid {os.getpid()}")
@@ -55,26 +65,14 @@ def exclusive(directory: Path) -> Iterator[None]:
             yield
         finally:
             handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
 def shared(directory: Path) -> Iterator[None]:
     """Hold ``directory``'s lock shared while reading records and writing beside them (``ifbench leaderboard``):
     refused at once while a run holds it, and a run cannot start meanwhile."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / LOCK_FILE).open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise FolderBusyError(f"{directory} is in use by {holder}: its leaderboard is rewritten when that run "
-                                  "ends; wait for it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with _locked(directory, fcntl.LOCK_SH, ": its leaderboard is rewritten when that run ends; wait for it"):
+        yield
 
 
 def _json_safe(value: Any) -> Any:
