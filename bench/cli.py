@@ -126,13 +126,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            cell_memory_mb=args.cell_memory_mb, scheduler=args.scheduler,
                            workers=1 if args.scheduler and args.workers is None else args.workers)
     check_device(suite.device)
-    from bench.catalog import default_registries
-    from bench.planning import plan_suite
+    from bench.heartbeat import heartbeat
 
-    registries = default_registries(args.plugin)
-    registries.protocols.check(_names(args.protocols) or ())  # a typo gets "did you mean" before tasks are narrowed
-    suite = with_overrides(suite, protocols=_names(args.protocols))
-    plan = plan_suite(suite, registries)  # validates everything, sizes against each task, before any write
+    with heartbeat("ifbench: loading estimators, tasks and protocols", enabled=not args.no_progress):
+        from bench.catalog import default_registries
+        from bench.planning import plan_suite
+
+        registries = default_registries(args.plugin)
+        registries.protocols.check(_names(args.protocols) or ())  # a typo gets "did you mean" before narrowing
+        suite = with_overrides(suite, protocols=_names(args.protocols))
+        plan = plan_suite(suite, registries)  # validates everything, sizes against each task, before any write
     results = args.results or Path("results") / slug(suite.name)
     check_writable(results)
     print(f"ifbench: suite {suite.name!r} · {len(plan.tasks)} task(s) × {len(plan.protocols)} protocol(s) × "
