@@ -23,7 +23,7 @@ import torch
 
 from bench import environment
 from bench.context import fit_context, head_view_context
-from bench.failures import Failure
+from bench.failures import Failure, cause_of
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
 from bench.planning import Plan, PlannedComponent, PlannedTask
@@ -156,7 +156,7 @@ class CellRunner:
                     estimator = est.cls(est.config)
                     estimator.fit(ctx)
             except NotApplicable as err:
-                failure, estimator = Failure(f"{NOT_APPLICABLE}: {err}", Failure.of(err).fields), None
+                failure, estimator = Failure(f"{NOT_APPLICABLE}: {err}", cause_of(err)), None
             except Exception as err:  # a crashing estimator becomes a failed cell
                 failure, estimator = Failure.of(err, "fit failed: "), None
         fitted[fit_key] = Fitted(estimator, prof, failure, queries, lift, data, base)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +80,13 @@ def retry_reason(record: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
 class Failure:
     """A failed step's message and its record fields (:func:`cause_of`)."""
 
-    __slots__ = ("error", "fields")
-
-    def __init__(self, error: str, fields: dict[str, Any] | None = None):
-        self.error, self.fields = error, dict(fields or {"cause": CELL})
+    error: str
+    fields: dict[str, Any] = field(default_factory=lambda: {"cause": CELL})
 
     @classmethod
     def of(cls, err: BaseException, prefix: str = "") -> Failure:
         return cls(prefix + describe(err), cause_of(err))
-
-    def __repr__(self) -> str:
-        return f"Failure({self.error!r}, {self.fields!r})"

@@ -55,9 +55,6 @@ from tasks.base import Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NOT_APPLICABLE", "MixedTruthError", "RunSummary", "Runner", "estimator_fingerprint"]
-
-
 class MixedTruthError(RuntimeError):
     """A cached θ̂ or ground truth differs from what a folder's finished cells were judged against, even after
     computing it again: the run stops rather than judge new cells against another truth than their neighbours."""

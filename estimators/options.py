@@ -22,12 +22,10 @@ def positive(**values: float) -> None:
             raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def within(name: str, value: float, low: float, high: float, *, closed_high: bool = False, why: str = "") -> None:
-    """``low ≤ value < high`` (``≤ high`` when ``closed_high``)."""
-    inside = low <= value <= high if closed_high else low <= value < high
-    if not inside:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}{f' ({why})' if why else ''}, got {value!r}")
+def within(name: str, value: float, low: float, high: float, *, why: str = "") -> None:
+    """``low ≤ value < high``."""
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}){f' ({why})' if why else ''}, got {value!r}")
 
 
 def one_of(name: str, value: Any, choices: Iterable[Any]) -> None:
