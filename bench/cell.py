@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, is_dataclass
@@ -265,6 +266,9 @@ class CellRunner:
                       metrics_s=time.perf_counter() - started)
         if result.details:
             record["details"] = result.details
+        if result.per_query:
+            record["per_query"] = {name: [round(v, 6) if math.isfinite(v) else None for v in values]
+                                   for name, values in result.per_query.items()}
         if result.predicted is not None:
             self.store.save_artifact(cell_key, result.predicted.astype(np.float32), result.actual.astype(np.float32))
         return record

@@ -59,11 +59,13 @@ class RetrainChunk:
 @dataclass(frozen=True)
 class ChunkResult:
     """``losses [L, len(removals), Q]``: each retrained model's per-query loss (the task's dtype, on the CPU)
-    after each of the spec's ``L = len(spec.lengths)`` retraining lengths (1 without snapshots)."""
+    after each of the spec's ``L = len(spec.lengths)`` retraining lengths (1 without snapshots); ``margins``
+    (same shape): the task's per-query margin (:meth:`~tasks.base.Task.per_example_margin`) of the same models."""
 
     key: tuple[int, int]
     losses: np.ndarray
     grad_norms: tuple[float, ...]
+    margins: np.ndarray | None = None
 
 
 def run_chunk(problem: RetrainProblem, chunk: RetrainChunk) -> ChunkResult:
@@ -75,10 +77,11 @@ def run_chunk(problem: RetrainProblem, chunk: RetrainChunk) -> ChunkResult:
     model = task.build_model()
     retrained, by_length = retrain_at_lengths(task, data, problem.base, list(chunk.removals), spec)
     with torch.no_grad():
-        losses = np.stack([np.stack([task.per_example_loss(model, params, data.queries).cpu().numpy() for params in row])
-                           for row in by_length])
+        measured = [[task.per_example_measures(model, params, data.queries) for params in row] for row in by_length]
+    losses = np.stack([np.stack([loss.cpu().numpy() for loss, _ in row]) for row in measured])
+    margins = np.stack([np.stack([margin.cpu().numpy() for _, margin in row]) for row in measured])
     norms = tuple(float(r.diagnostics["grad_norm"]) for r in retrained if "grad_norm" in r.diagnostics)
-    return ChunkResult(chunk.key, losses, norms)
+    return ChunkResult(chunk.key, losses, norms, margins)
 
 
 class Executor(ABC):

@@ -49,7 +49,8 @@ INFORMATIVE_CEILING = 0.2
 VECTORISED = ("pearson", "spearman")
 
 
-_TITLES = {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "lds": "LDS", "auc": "AUC",
+_TITLES = {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "lds": "LDS", "lds_margin": "LDS (margin)",
+           "auc": "AUC",
            "f1": "F1", "param_distance": "‖θ−θ_R‖ rel.", "f1_best_alpha": "F1 at α* (validation)", "alpha_star": "α*"}
 
 

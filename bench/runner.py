@@ -165,8 +165,9 @@ class Runner:
         suite, name = self.suite, planned.spec.name
         task_seed = derive_seed(suite.seed, "task", name)
         task = planned.cls(planned.config, seed=task_seed, device=self.device, base_model=base_model)
-        task_key = stable_hash("task", name, planned.cls.version, planned.config, task_seed, self.device.type,
-                               suite.threads, *(("base model", base_model) if base_model else ()))
+        key_parts = ("task", name, planned.cls.version, planned.config, task_seed, self.device.type, suite.threads)
+        data_key = stable_hash(*key_parts)  # base model 0's θ̂; the key of truths that no θ̂ enters
+        task_key = stable_hash(*key_parts, "base model", base_model) if base_model else data_key
         cells = [(p, e) for p in planned.protocols for e in self.plan.estimators if e.runs_on(name)]
         predictions = {(p.name, e.name): self._prediction_key(task_key, p, e) for p, e in cells}
         keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
@@ -186,7 +187,8 @@ class Runner:
         for protocol_plan in planned.protocols:
             if any(q.name == protocol_plan.name for q, _ in pending):
                 try:
-                    truth, truth_key, digest = self._ground_truth(task, data, base, task_key, protocol_plan, label)
+                    owner = task_key if protocol_plan.cls.depends_on_base else data_key
+                    truth, truth_key, digest = self._ground_truth(task, data, base, owner, protocol_plan, label)
                 except MixedTruthError:
                     raise
                 except Exception as err:  # recorded in every cell of this protocol; the run goes on
@@ -299,12 +301,13 @@ class Runner:
     def _protocol(self, protocol_plan: PlannedComponent) -> Protocol:
         return protocol_plan.cls(protocol_plan.config, seed=derive_seed(self.suite.seed, "protocol", protocol_plan.name))
 
-    def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, task_key: str,
+    def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, owner_key: str,
                       protocol_plan: PlannedComponent, label: str) -> tuple[GroundTruth, str, str]:
-        """The cached ground truth (or a fresh one, then cached), its cache key and digest, with its noise ceiling
+        """The cached ground truth (or a fresh one, then cached) under ``owner_key`` (θ̂'s key, or the data's for a
+        truth no θ̂ enters), its cache key and digest, with its noise ceiling
         judged anew each time (like the metrics: a change in how the ceiling is computed needs no retraining).
         A cached truth other than the one the folder's records were judged against is computed again."""
-        key = stable_hash(task_key, self._protocol_key_parts(protocol_plan))
+        key = stable_hash(owner_key, self._protocol_key_parts(protocol_plan))
         expected = self.judged_digests.get(key, set())
         protocol = self._protocol(protocol_plan)
         truth = self._cached_truth(task, key, protocol_plan.name)

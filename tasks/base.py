@@ -122,6 +122,13 @@ def head_view_of(model: nn.Module, params: Params, head: str) -> HeadView | None
                     lambda inputs: functional_call(wrapper, trunk, (inputs,)))
 
 
+def correct_class_margin(logits: Tensor, targets: Tensor) -> Tensor:
+    """``[b]``: logit of the target class minus the logsumexp of the other classes' logits ``[b, C]``."""
+    correct = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, dim=1)
+
+
 RETRAIN_MODES = ("exact", "warm", "scratch")
 
 
@@ -303,6 +310,13 @@ class Task(ABC):
     def per_example_loss(self, model: nn.Module, params: Params, split: Split) -> Tensor:
         """``ℓ(z, θ)`` for each example of ``split``: ``[len(split)]`` (no regulariser)."""
         return self.loss(functional_call(model, params, (split.inputs,)), split.targets)
+
+    def per_example_measures(self, model: nn.Module, params: Params, split: Split) -> tuple[Tensor, Tensor]:
+        """``(loss, margin)``, each ``[len(split)]``, from one forward pass. The margin is TRAK's model output
+        for classification, ``log p_y − log(1 − p_y)`` = the correct-class logit minus the logsumexp of the
+        others (it falls as the loss rises)."""
+        outputs = functional_call(model, params, (split.inputs,))
+        return self.loss(outputs, split.targets), correct_class_margin(outputs, split.targets)
 
     @torch.no_grad()
     def accuracy(self, model: nn.Module, params: Params, split: Split) -> float:

@@ -48,8 +48,8 @@ def test_protocols_override_narrows_each_tasks_own_list():
     assert [t.name for t in narrowed.tasks] == ["mnist-logreg", "mnist-resnet"]  # rt-bert runs no group
     assert all(t.protocols == ("group",) for t in narrowed.tasks)
     assert [p.name for p in narrowed.protocols] == ["group"]
-    both = with_overrides(suite, tasks=["rt-bert"], protocols=["lds", "loo"])
-    assert both.tasks[0].protocols == ("lds",)
+    both = with_overrides(suite, tasks=["rt-bert"], protocols=["lds-scratch", "loo"])
+    assert both.tasks[0].protocols == ("lds-scratch",)
     with pytest.raises(ConfigError, match="no task of the run has protocol"):
         with_overrides(suite, tasks=["rt-bert"], protocols=["group"])
 

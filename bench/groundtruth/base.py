@@ -91,11 +91,14 @@ class Evaluation:
 
 @dataclass
 class CellResult:
-    """Metric means, the headline's 95% CI, valid-query counts; optional predicted/actual matrices to keep."""
+    """Metric means, the headline's 95% CI, valid-query counts; optional predicted/actual matrices to keep;
+    ``per_query``: the headline's value for each query (NaN where undefined), for paired comparisons of
+    estimators on the same queries (rank bands)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     ci: dict[str, list[float]] = field(default_factory=dict)
     n_valid: dict[str, int] = field(default_factory=dict)
+    per_query: dict[str, list[float]] = field(default_factory=dict)
     predicted: np.ndarray | None = None
     actual: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -132,6 +135,9 @@ class Protocol(ABC):
     #: True if ``predict`` returns one numpy array, which the runner caches apart from the metrics (so a metric
     #: or ceiling change re-judges saved predictions without refitting the estimator).
     caches_predictions: ClassVar[bool] = True
+    #: False if the ground truth does not depend on θ̂ (e.g. models trained from scratch on subsets): it is then
+    #: computed once per task's data, cached under a key without the base model, and shared by every base model.
+    depends_on_base: ClassVar[bool] = True
 
     def metric_specs(self, top_k: int) -> dict[str, dict[str, Any]]:
         """``{name: {"title", "higher_is_better"}}`` for the headline and the columns, for the leaderboard."""
@@ -222,7 +228,9 @@ class ScoreMatrixProtocol(Protocol):
             return mean_over_blocks([metrics.rowwise(self.correlation, predicted[rows][:, b], truth.actual[rows][:, b])
                                 for b in blocks])
 
-        result.add(self.headline, statistic(np.arange(len(predicted)), self.blocks(truth)))
+        values = statistic(np.arange(len(predicted)), self.blocks(truth))
+        result.add(self.headline, values)
+        result.per_query[self.headline] = [float(v) for v in values]
         result.ci[self.headline] = list(self._interval(statistic, truth, settings, result.metrics[self.headline]))
         self.add_columns(result, predicted, truth, settings)
         return result
