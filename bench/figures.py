@@ -1,4 +1,5 @@
-"""Seaborn figures for the leaderboard: predicted vs actual removal effects; quality versus cost."""
+"""Seaborn figures for the leaderboard: what each column's metric sees (per-query ranks or standardised
+effects), and quality versus cost with the Pareto front."""
 
 from __future__ import annotations
 
@@ -6,54 +7,87 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.leaderboard import headline_of as _headline
+import numpy as np
+
+from bench.formatting import headline_of as _headline
 from bench.metrics import metric_title
 from bench.store import ResultsStore
 
 QUALITY_AND_COST_FIGURE = "quality-vs-cost.png"
+#: Headlines that are rank correlations: their figure shows per-query ranks, where scale means nothing.
+RANK_METRICS = ("lds", "spearman", "kendall")
 
 
 def figure_name(task: str, protocol: str) -> str:
     return f"{task}--{protocol}.png"
 
 
+def per_query_view(predicted: np.ndarray, actual: np.ndarray, ranks: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``[Q, C]`` matrices as the per-query metric sees them: ranks scaled to [0, 1] within each query (a rank
+    correlation), else each query's row standardised to mean 0 and unit variance (a Pearson correlation, whose
+    fitted slope on these axes is the correlation). Rows that are constant are dropped."""
+    keep = (np.ptp(actual, axis=1) > 0) & (np.ptp(predicted, axis=1) > 0)
+    predicted, actual = predicted[keep], actual[keep]
+    if ranks:
+        scale = max(actual.shape[1] - 1, 1)
+        return (predicted.argsort(1).argsort(1) / scale, actual.argsort(1).argsort(1) / scale)
+
+    def z(x: np.ndarray) -> np.ndarray:
+        return (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+
+    return z(predicted), z(actual)
+
+
+def _caption(task: str, protocol: str, record: dict[str, Any]) -> str:
+    headline = _headline(record)
+    pooled = f"{metric_title(headline)} {record['metrics'][headline]:.3f}"
+    rows = record.get("per_query_by_base")
+    if (record.get("base_models") or 1) > 1:
+        own = f" (its {metric_title(headline)} {np.nanmean(np.array(rows[0], dtype=float)):.3f})" if rows else ""
+        return (f"{task} · {protocol}: {record['estimator']}\nmean of {record['base_models']} base models {pooled};"
+                f"\npoints: base model 1{own}")
+    return f"{task} · {protocol}: {record['estimator']}\nmean per-query {pooled}"
+
+
 def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Path) -> dict[tuple[str, str], Path]:
-    """One scatter per (task, protocol) of score matrices, for the best estimator by the protocol's headline."""
+    """One figure per (task, protocol) of score matrices, for the best estimator by the protocol's headline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    best: dict[tuple[str, str], dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         if record.get("status") == "ok" and record.get("metrics", {}).get(_headline(record)) is not None:
             groups[(record["task"], record["protocol"])].append(record)
-    for key, group in groups.items():
-        best[key] = max(group, key=lambda r: r["metrics"][_headline(r)])
     written = {}
     folder.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
-    for (task, protocol), record in best.items():
+    for (task, protocol), group in groups.items():
+        record = max(group, key=lambda r: r["metrics"][_headline(r)])
         arrays = store.load_artifact(record["cell_key"])
         if arrays is None:
             continue
-        predicted, actual = arrays
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        sns.scatterplot(x=actual.ravel(), y=predicted.ravel(), s=8, alpha=0.35, linewidth=0, ax=ax)
-        low = float(min(actual.min(), predicted.min()))
-        high = float(max(actual.max(), predicted.max()))
-        ax.plot([low, high], [low, high], color="0.4", linewidth=1, linestyle="--", label="y = x")
-        ax.set_xlabel("actual Δ query loss (retrained)")
-        ax.set_ylabel(f"predicted by {record['estimator']}")
-        headline = _headline(record)
-        several = (record.get("base_models") or 1) > 1  # pooled: the metric is the mean, the points base model 1's
-        ax.set_title(f"{task} · {protocol}\n{record['estimator']}: mean per-query {metric_title(headline)} "
-                     f"{record['metrics'][headline]:.3f}" + (f" ({record['base_models']} base models;\npoints: base "
-                                                             "model 1)" if several else ""), fontsize=10)
-        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
-        ax.legend(loc="upper left")
+        ranks = _headline(record) in RANK_METRICS
+        predicted, actual = per_query_view(*(np.asarray(a, dtype=np.float64) for a in arrays), ranks)
+        if not predicted.size:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 4.8))
+        if ranks:
+            ax.hexbin(actual.ravel(), predicted.ravel(), gridsize=20, cmap="Blues", mincnt=1)
+            ax.plot([0, 1], [0, 1], color="0.4", linewidth=1, linestyle="--", label="same rank")
+            ax.set_xlabel("actual rank within the query (0 = smallest effect)")
+            ax.set_ylabel("predicted rank within the query")
+        else:
+            sns.scatterplot(x=actual.ravel(), y=predicted.ravel(), s=8, alpha=0.3, linewidth=0, ax=ax)
+            slope = float((actual * predicted).sum() / (actual * actual).sum())
+            line = np.array([actual.min(), actual.max()])
+            ax.plot(line, slope * line, color="C3", linewidth=1.2, label=f"fitted slope {slope:.2f}")
+            ax.set_xlabel("actual effect, standardised per query")
+            ax.set_ylabel("predicted, standardised per query")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.set_title(_caption(task, protocol, record), fontsize=9)
         fig.tight_layout()
         path = folder / figure_name(task, protocol)
         fig.savefig(path, dpi=110, metadata={"Software": None})
@@ -62,9 +96,10 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
     return written
 
 
-def quality_versus_cost(points: list[tuple[str, str, float, float]], folder: Path) -> Path | None:
-    """One panel per task: score / ceiling against fit + score seconds (log scale), a labelled point per
-    estimator (``points`` from :func:`bench.leaderboard.quality_and_cost`)."""
+def quality_versus_cost(points: list[tuple], folder: Path) -> Path | None:
+    """One panel per task: score / ceiling (with its interval) against fit + score seconds (log scale), the
+    Pareto front drawn as a step line, every point labelled (``points`` from
+    :func:`bench.overview.quality_and_cost`)."""
     if not points:
         return None
     import matplotlib
@@ -73,18 +108,29 @@ def quality_versus_cost(points: list[tuple[str, str, float, float]], folder: Pat
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    tasks = list(dict.fromkeys(task for task, *_ in points))
+    from bench.overview import pareto_front
+
+    tasks = list(dict.fromkeys(p[0] for p in points))
+    front = pareto_front(points)
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 5.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        mine = [(name, quality, max(seconds, 1e-3)) for t, name, quality, seconds in points if t == task]
-        sns.scatterplot(x=[s for *_, s in mine], y=[q for _, q, _ in mine], s=30, ax=ax)
-        for name, quality, seconds in mine:
-            ax.annotate(name, (seconds, quality), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        mine = sorted((p for p in points if p[0] == task), key=lambda p: p[5])
+        cost = np.array([max(p[5], 1e-3) for p in mine])
+        quality, low, high = (np.array([p[i] for p in mine]) for i in (2, 3, 4))
+        on_front = np.array([(task, p[1]) in front for p in mine])
+        ax.errorbar(cost, quality, yerr=[quality - low, high - quality], fmt="none", ecolor="0.7", elinewidth=1)
+        ax.scatter(cost[~on_front], quality[~on_front], s=22, color="C0", zorder=3)
+        ax.scatter(cost[on_front], quality[on_front], s=40, color="C3", marker="*", zorder=4, label="Pareto front")
+        ax.step(cost[on_front], quality[on_front], where="post", color="C3", linewidth=1)
+        for i, p in enumerate(mine):  # alternate label sides along the cost axis so neighbours do not collide
+            ax.annotate(p[1], (cost[i], quality[i]), fontsize=7, xytext=(4, 6 if i % 2 else -9),
+                        textcoords="offset points", color="C3" if on_front[i] else "0.2")
         ax.set_xscale("log")
         ax.set_xlabel("fit + score seconds on the task (log)")
-        ax.set_ylabel("mean score / noise ceiling")
-        ax.set_title(task, fontsize=10)
+        ax.set_ylabel("mean score / noise ceiling (95% interval)")
+        ax.set_title(f"{task} ({mine[0][6]} ground truth)", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / QUALITY_AND_COST_FIGURE

@@ -77,7 +77,7 @@ def compare_pair(ours: type[Estimator], peer: type[Estimator], task: Task, ctx: 
                  threads: int, repeats: int) -> PeerRow:
     """Time both sides ``repeats`` times, alternating (so drifts of a shared machine hit both alike)."""
     columns = torch.arange(ctx.n_train)
-    from bench.leaderboard import option_text
+    from bench.formatting import option_text
 
     options = ", ".join(f"{k} = {option_text(v)}" for k, v in peer.counterpart_options.items())
     row = PeerRow(ours.name, options, peer.name, peer.peer, library_version(peer.peer), float("nan"), float("nan"),

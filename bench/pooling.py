@@ -1,15 +1,18 @@
 """One record per (task, protocol, estimator): a cell's records pooled over its base models.
 
 A task run with ``base_models = M > 1`` repeats every cell on M independently
-trained θ̂_b (same data, queries and columns; the estimator fitted and the ground
-truth retrained around each). The pooled record holds:
+trained θ̂_b (same data, queries and columns; the estimator fitted around each,
+and the ground truth too unless no θ̂ enters it). The pooled record holds:
 
 - metrics, ceiling and cost: the means over base models (memory: the largest);
-- intervals: mean ± 1.96·√(Σ_b se_b²)/M, the standard error of a mean of M
-  independent estimates, each se_b read off base model b's 95% interval
-  (half-width / 1.96). It is the uncertainty from queries and columns given these
-  base models; ``spread`` gives each metric's lowest and highest base model;
-- ``informative``: the pooled ceiling's lower bound ≥ ``metrics.INFORMATIVE_CEILING``;
+- intervals: random-effects 95% intervals of the mean over base models
+  (:func:`bench.ranking.random_effects_interval`: a t-interval over the base
+  models combined with their mean within-model variance, each se_b read off base
+  model b's bootstrap interval as half-width / 1.96). They cover the mean over
+  base models one could have trained, not just the uncertainty given these;
+  ``spread`` gives each metric's lowest and highest base model;
+- ``per_query_by_base``: the headline per base model and query, for paired rank bands;
+- ``informative``: the pooled ceiling's random-effects lower bound ≥ ``metrics.INFORMATIVE_CEILING``;
 - facts: those the base models share, numbers that differ shown as their range.
 
 A cell with one record passes through unchanged.
@@ -23,8 +26,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from bench.metrics import INFORMATIVE_CEILING
+from bench.ranking import Z95, random_effects_interval
 
-Z95 = 1.959963984540054
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -59,11 +62,17 @@ def pooled(group: list[dict[str, Any]]) -> dict[str, Any]:
     metrics = [r.get("metrics", {}) for r in group]
     record["metrics"] = {k: _mean([m.get(k) for m in metrics]) for k in metrics[0]}
     record["spread"] = {k: _range([m.get(k) for m in metrics]) for k in metrics[0]}
-    record["ci"] = {k: interval(record["metrics"][k], [r.get("ci", {}).get(k) for r in group])
+    record["ci"] = {k: interval([m.get(k) for m in metrics], [r.get("ci", {}).get(k) for r in group])
                     for k in first.get("ci", {})}
+    headline = first.get("headline", "pearson")
+    if all(headline in (r.get("per_query") or {}) for r in group):
+        record["per_query_by_base"] = [r["per_query"][headline] for r in group]
+    record.pop("per_query", None)
     record["ceiling"] = _mean([r.get("ceiling") for r in group])
+    shared = len({r.get("truth_key") for r in group}) == 1 and first.get("truth_key") is not None
     record["groundtruth_diagnostics"] = pooled_truth([r.get("groundtruth_diagnostics") or {} for r in group],
-                                                     first.get("headline", "pearson"))
+                                                     first.get("headline", "pearson"), shared=shared)
+    record["shared_truth"] = shared
     record["informative"] = bool(record["groundtruth_diagnostics"].get("informative", True))
     record["task_diagnostics"] = _means([r.get("task_diagnostics") or {} for r in group])
     record["task_diagnostics"].update({f"{k}_range": _range([(r.get("task_diagnostics") or {}).get(k) for r in group])
@@ -74,23 +83,25 @@ def pooled(group: list[dict[str, Any]]) -> dict[str, Any]:
     return record
 
 
-def interval(mean: float | None, intervals: list[Any]) -> list[float] | None:
-    """``mean ± 1.96·√(Σ se_b²)/M`` from the base models' 95% intervals (None if any lacks one)."""
-    if mean is None or not all(isinstance(ci, (list, tuple)) and len(ci) >= 2 and None not in ci[:2] for ci in intervals):
+def interval(values: list[Any], intervals: list[Any]) -> list[float] | None:
+    """The random-effects 95% interval of the mean of ``values`` (one per base model) from their bootstrap
+    intervals (None if any value or interval is missing)."""
+    if not all(_finite(v) for v in values) or not all(
+            isinstance(ci, (list, tuple)) and len(ci) >= 2 and None not in ci[:2] for ci in intervals):
         return None
-    errors = [(ci[1] - ci[0]) / (2 * Z95) for ci in intervals]
-    half = Z95 * math.sqrt(sum(e * e for e in errors)) / len(errors)
-    return [mean - half, mean + half]
+    low, high = random_effects_interval(values, [(ci[1] - ci[0]) / (2 * Z95) for ci in intervals])
+    return [low, high]
 
 
-def pooled_truth(diagnostics: list[dict[str, Any]], headline: str) -> dict[str, Any]:
-    """Ground-truth diagnostics: means (seconds: the total), the ceiling's interval pooled, informative anew."""
+def pooled_truth(diagnostics: list[dict[str, Any]], headline: str, *, shared: bool = False) -> dict[str, Any]:
+    """Ground-truth diagnostics: means (seconds: the total, or the one truth's when every base model ``shared``
+    it), the ceiling's interval pooled, informative anew."""
     pooled = _means(diagnostics)
-    if all("seconds" in d for d in diagnostics):
+    if all("seconds" in d for d in diagnostics) and not shared:
         pooled["seconds"] = sum(d["seconds"] for d in diagnostics)
     name = f"ceiling_{headline}"
     if name in pooled:
-        pooled[f"{name}_ci"] = interval(pooled[name], [d.get(f"{name}_ci") for d in diagnostics])
+        pooled[f"{name}_ci"] = interval([d.get(name) for d in diagnostics], [d.get(f"{name}_ci") for d in diagnostics])
         low = (pooled[f"{name}_ci"] or [None])[0]
         pooled["informative"] = low is not None and low >= INFORMATIVE_CEILING
     elif any("informative" in d for d in diagnostics):

@@ -24,7 +24,7 @@ def test_markdown_matches_golden_file():
 
 def test_ranking_latest_records_and_failures():
     lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
-    first_section = lines.index("## mnist-logreg · loo")
+    first_section = lines.index("## mnist-logreg · loo · exact")
     rows = [line for line in lines[first_section:] if line.startswith("| ") and "rank" not in line]
     assert rows[0].startswith("| 1 | `if-exact`") and rows[1].startswith("| 2 | `if-lissa`")
     assert rows[2].startswith("| 3 | `random` | 0.020")  # the later of two records for one cell
@@ -77,29 +77,30 @@ def test_top_k_overlap_is_hidden_when_trivial():
     assert rows and all(row.split("|")[6].strip() == "–" for row in rows)
 
 
-def test_overview_shares_tied_ranks_skips_uninformative_columns_and_orders_by_fraction_of_ceiling():
+def test_overview_aggregates_only_ranked_columns_and_orders_by_fraction_of_ceiling():
     lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
     start = lines.index("## Overview")
     table = [line for line in lines[start:lines.index("## Quality versus cost")] if line.startswith("| `")]
     cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in table}
-    # mean over the informative ceiling columns (loo: ceiling 1; loo-warm: ceiling 0.5) of value / ceiling
-    assert cells["`if-exact`"][0] == f"{(0.98 + 0.3001 / 0.5) / 2:.3f}"
-    assert cells["`if-lissa`"][0] == f"{(0.95 + 0.2998 / 0.5) / 2:.3f}"
+    # one aggregate: the exact (convex) kind, over mnist-logreg · loo (ceiling 1); loo-warm's two estimators tie
+    # (it does not separate) and loo-scratch is uninformative, so neither is aggregated nor ranked
+    assert "score / ceiling: exact (convex)" in lines[start + 4] and "fine-tune" not in lines[start + 4]
+    assert cells["`if-exact`"][0] == "0.980" and cells["`if-lissa`"][0] == "0.950"
     assert [row.split("|")[1].strip() for row in table] == ["`if-exact`", "`if-lissa`", "`random`", "`if-cg`"]
-    assert cells["`if-exact`"][3] == cells["`if-lissa`"][3] == "0.300 (1)"  # equal as shown: one rank
-    assert cells["`random`"][3] == "0.010 (3)"  # competition ranking: 1, 1, 3
+    assert cells["`if-exact`"][3] == cells["`if-lissa`"][3] == "0.300"  # does not separate: unranked
+    assert cells["`if-exact`"][1] == "0.980 (1)" and cells["`random`"][1] == "0.020 (3)"  # bands 1, 2, 3
     assert cells["`if-exact`"][4] == "0.100"  # the uninformative column is not ranked
     assert cells["`if-cg`"][0] == "–" and cells["`if-cg`"][1] == "failed"  # no aggregate without every column
 
 
 def test_uninformative_sections_say_so_and_rank_nothing():
     lines = render_markdown(ResultsStore(GOLDEN).records()).splitlines()
-    start = lines.index("## mnist-resnet · loo-scratch (uninformative)")
+    start = lines.index("## mnist-resnet · loo-scratch · from scratch (uninformative)")
     section = lines[start:]
     assert any(line.startswith("**Uninformative:** the noise ceiling's lower bound (0.050) is below 0.2") for line in section)
     rows = [line for line in section if line.startswith("| ") and "`" in line]
     assert rows and all(row.startswith("| – |") for row in rows)
-    warm = lines[lines.index("## mnist-resnet · loo-warm"):start]
+    warm = lines[lines.index("## mnist-resnet · loo-warm · fine-tune response (does not separate)"):start]
     assert "| – | *noise ceiling* | 0.500 (0.400 – 0.600) |" in "\n".join(warm)
     assert any("scored against the mean of 2 retraining seeds (seed-vs-seed agreement r = 0.330)" in line for line in warm)
 

@@ -1,0 +1,158 @@
+"""One leaderboard section: a (task, protocol) column's facts, its kind of ground truth, and its ranked table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.formatting import (
+    columns_of,
+    count,
+    fine_tune_text,
+    headline_of,
+    num,
+    seconds,
+    title,
+    truth_kind,
+    with_ci,
+)
+from bench.metrics import INFORMATIVE_CEILING
+from bench.ranking import AGREEMENT, ColumnJudgement
+
+BAND_RULE = ("*rank* is a rank band: band 1 holds the leader and every estimator not significantly behind it (a "
+             "paired bootstrap of their difference on the same base models and queries, 95%); the best of the rest "
+             "leads band 2, and so on down.")
+
+
+def not_applicable(record: dict[str, Any]) -> bool:
+    """Not applicable because the estimator lacks what the protocol needs (listed once, below the table)."""
+    return record.get("status") == "not-applicable" and record.get("reason", "capability") == "capability"
+
+
+def facts(head: dict[str, Any]) -> list[str]:
+    """The task's facts, then those the protocol gave its ground truth, then its cost."""
+    diagnostics, gt = head.get("task_diagnostics", {}), head.get("groundtruth_diagnostics", {})
+    found = [f"preset `{head.get('preset', '?')}`"]
+    several = (head.get("base_models") or 1) > 1
+    if several:
+        found.append(f"{head['base_models']} base models (θ̂ trained from independent seeds; values are their mean, "
+                     "ranges their lowest and highest)")
+    if "test_accuracy" in diagnostics:
+        low, high = diagnostics.get("test_accuracy_range") or (None, None)
+        spread = f" ({100 * low:.1f}–{100 * high:.1f}%)" if several and low is not None else ""
+        found.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%{spread}")
+    found += head.get("facts", [])
+    if gt.get("seconds") is not None:
+        workers = int(gt.get("retrain_workers") or 1)
+        whole = " once, for every base model" if head.get("shared_truth") else (" in all" if several else "")
+        found.append(f"ground truth took {seconds(gt['seconds'])} s{whole}"
+                     + (f" (retrains on {workers} workers)" if workers > 1 else ""))
+    return found
+
+
+def kind_paragraph(head: dict[str, Any]) -> list[str]:
+    """What kind of ground truth the column is, in a sentence (none for updates and detection)."""
+    kind = truth_kind(head)
+    if kind == "from scratch" and (head.get("groundtruth_diagnostics") or {}).get("from_scratch"):
+        return ["", "**From scratch:** every subset model is trained with the task's full recipe from a fresh "
+                "initialisation under seeds that are no base model's, as TRAK's and dattri's LDS are; no retrain starts "
+                "from θ̂, and one ground truth serves every base model."]
+    if kind == "from scratch":
+        return ["", "**From scratch:** every retrain runs the task's full recipe from the start, with the seed and "
+                "data order of its replicate minus the removed points; no retrain starts from θ̂'s weights."]
+    if kind == "fine-tune response":
+        return ["", f"**Fine-tune response**, not retraining from scratch: {fine_tune_text(head)}. This is close to "
+                "the proximal response that influence functions approximate (Bae et al. 2022), so it favours them "
+                "more than from-scratch retraining does."]
+    return []
+
+
+def header(head: dict[str, Any], judged: ColumnJudgement) -> list[str]:
+    task, protocol, headline = head["task"], head["protocol"], headline_of(head)
+    kind = truth_kind(head)
+    flags = [f for f, on in (("uninformative", not judged.informative),
+                             ("does not separate", judged.informative and judged.not_separating)) if on]
+    lines = [f"## {task} · {protocol}" + (f" · {kind}" if kind else "") + (f" ({', '.join(flags)})" if flags else ""),
+             "", "; ".join(facts(head)) + ".", *kind_paragraph(head)]
+    if not judged.informative:
+        low = (head.get("groundtruth_diagnostics", {}).get(f"ceiling_{headline}_ci") or [None])[0]
+        lines += ["", f"**Uninformative:** the noise ceiling's lower bound ({num(low)}) is below {INFORMATIVE_CEILING}; "
+                  "the estimators are listed by their value but not ranked."]
+    elif judged.not_separating:
+        lines += ["", f"**Does not separate:** {judged.not_separating}; the estimators are listed by their value but "
+                  "not ranked."]
+    else:
+        lines += ["", BAND_RULE]
+    return lines
+
+
+def table_head(head: dict[str, Any], group: list[dict[str, Any]], spread: bool) -> list[str]:
+    headline, columns = headline_of(head), columns_of(head)
+    ci_note = " (95% CI)" if any(r.get("ci", {}).get(headline) for r in group) else ""
+    lines = [f"| rank | estimator | {title(head, headline)}{ci_note} | " + ("base models' range | " if spread else "")
+             + " | ".join(title(head, c) for c in columns) + " | params | fit s | score s | own MB | process MB |",
+             "|---:|---|---|" + ("---|" if spread else "") + "---:|" * len(columns) + "---:|---:|---:|---:|---:|"]
+    gt = head.get("groundtruth_diagnostics", {})
+    if gt.get(f"ceiling_{headline}") is not None:
+        low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
+        lines.append(f"| – | *noise ceiling* | {num(gt[f'ceiling_{headline}'])} ({num(low)} – {num(high)}) | "
+                     + (" | " if spread else "") + " | " * len(columns) + " | | | | |")
+    return lines
+
+
+def row(record: dict[str, Any], judged: ColumnJudgement, spread: bool, hide_top_k: bool) -> str:
+    headline, columns = headline_of(record), columns_of(record)
+    profile = record.get("profile") or {}
+    metrics = dict(record.get("metrics", {}))
+    if hide_top_k:
+        metrics["top_k_overlap"] = None
+    own = profile.get("peak_cuda_mb") or profile.get("own_mem_mb")
+    name = record["estimator"]
+    band = judged.band_of(name)
+    rank = ("–" if band is None else str(band)) + (f" ≡ `{judged.agrees_with[name]}`" if name in judged.agrees_with else "")
+    return (f"| {rank} | `{name}` | {with_ci(record, headline)} | " + (f"{spread_of(record, headline)} | " if spread else "")
+            + " | ".join(num(metrics.get(c)) for c in columns)
+            + f" | {count((record.get('estimator_diagnostics') or {}).get('n_parameters'))}"
+            + f" | {seconds(profile.get('fit_s'))} | {seconds(profile.get('score_s'))} | {num(own, 0)} "
+            f"| {num(profile.get('peak_mem_mb'), 0)} |")
+
+
+def section(group: list[dict[str, Any]], judged: ColumnJudgement, figure: str | None) -> list[str]:
+    """The column's section: header, table (ok rows, then failures), not-applicable list, agreement, figure."""
+    head = group[0]
+    columns = columns_of(head)
+    hide_top_k = (head.get("n_columns") or head.get("top_k", 10) + 1) <= head.get("top_k", 10)
+    spread = any((r.get("base_models") or 1) > 1 for r in group)
+    lines = [*header(head, judged), "", *table_head(head, group, spread)]
+    for record in group:
+        if record.get("status") == "ok":
+            lines.append(row(record, judged, spread, hide_top_k))
+        elif not not_applicable(record):
+            error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
+            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |"
+                         + " |" * (len(columns) + 5 + spread))
+    lines.append("")
+    skipped = [r["estimator"] for r in group if not_applicable(r)]
+    if skipped:
+        needs = str(next(r for r in group if r["estimator"] == skipped[0])["error"]).split(";")[0]
+        lines += [f"Not applicable ({needs}): " + ", ".join(f"`{name}`" for name in skipped) + ".", ""]
+    lines += agreement_lines(judged)
+    if figure:
+        lines += [f"![{head['task']} {head['protocol']}: predicted vs actual]({figure})", ""]
+    return lines
+
+
+def agreement_lines(judged: ColumnJudgement) -> list[str]:
+    """One sentence per estimator that others agree with (the same quantity by another solver)."""
+    by_reference: dict[str, list[str]] = {}
+    for name, reference in judged.agrees_with.items():
+        by_reference.setdefault(reference, []).append(name)
+    return [f"{' and '.join(f'`{n}`' for n in sorted(names))} agree{'s' if len(names) == 1 else ''} with "
+            f"`{reference}` to within {AGREEMENT:g} on every query of every base model: the same quantity (≡), "
+            "shown in its band rather than ranked apart." for reference, names in sorted(by_reference.items())] + (
+        [""] if by_reference else [])
+
+
+def spread_of(record: dict[str, Any], name: str) -> str:
+    """A metric's lowest and highest base model: ``0.412 – 0.455``."""
+    low, high = (record.get("spread", {}).get(name) or [None, None])[:2]
+    return f"{num(low)} – {num(high)}" if low is not None else "–"
