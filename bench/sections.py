@@ -44,7 +44,9 @@ def facts(head: dict[str, Any]) -> list[str]:
     if gt.get("seconds") is not None:
         workers = int(gt.get("retrain_workers") or 1)
         whole = " once, for every base model" if head.get("shared_truth") else (" in all" if several else "")
-        found.append(f"ground truth took {seconds(gt['seconds'])} s{whole}"
+        rate = (f", {gt['subset_models'] / gt['seconds']:.2f} models trained per second"
+                if gt.get("subset_models") and gt["seconds"] > 0 else "")
+        found.append(f"ground truth took {seconds(gt['seconds'])} s{whole}{rate}"
                      + (f" (retrains on {workers} workers)" if workers > 1 else ""))
     return found
 
