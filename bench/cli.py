@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, with_overrides
+from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, make_config, with_overrides
 from bench.preflight import check_device, check_writable, slug
 from bench.registry import RegistryError
 
@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-estimator", help="conformance check of an estimator on a tiny exact problem")
     check.add_argument("name")
     check.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE")
+    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an estimator option, as in a suite file (TOML value; repeatable): --option damping=0.01")
     check.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -339,6 +341,22 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", …]`` as suite-file options: each value read as TOML (a bare word that is not TOML is a string)."""
+    import tomllib
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = text.strip()
+    return options
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -346,12 +364,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bench.conformance import STEPS, check_estimator
 
     cls = default_registries(args.plugin).estimators.get(args.name)
+    config = make_config(cls.Config, parse_options(args.option), f"estimator {args.name}")
     with tqdm(total=len(STEPS), desc=f"check {args.name}", unit="step", leave=False, disable=args.no_progress) as bar:
         def step(name: str) -> None:
             bar.update(STEPS.index(name) - bar.n)
             bar.set_postfix_str(name)
 
-        checks = check_estimator(cls, step=step)
+        checks = check_estimator(cls, config, step=step)
     for check in checks:
         print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     passed = all(c.passed for c in checks)
