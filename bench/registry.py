@@ -117,12 +117,16 @@ class Registry(Generic[T]):
         return found
 
     def discover_package(self, package_name: str) -> list[str]:
-        """Import each module of a package and register its marked classes."""
+        """Import each module of a package and register its marked classes: "built-in" where the package's
+        ``SHIPPED`` names the module (or the package names none), else a plug-in file placed there."""
         package = importlib.import_module(package_name)
+        shipped = getattr(package, "SHIPPED", None)
         found = []
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
             if not info.name.startswith("_"):
-                found += self.add_module(f"{package_name}.{info.name}")
+                own = shipped is None or info.name in shipped
+                origin = "built-in" if own else f"plug-in file {package_name}/{info.name}.py"
+                found += self.add_module(f"{package_name}.{info.name}", origin)
         return found
 
     def discover_entry_points(self, group: str) -> list[str]:

@@ -370,9 +370,13 @@ def _pair(cell: tuple[str, str] | None, remaining: list[tuple[PlannedComponent, 
 
 
 def estimator_fingerprint(cls: type[Estimator]) -> str:
-    """The estimator's ``version``; for a plug-in (defined outside the ``estimators`` package) also a hash of
-    the source file that defines it, so editing the plug-in re-runs its cells."""
-    if cls.__module__.split(".")[0] == "estimators":
+    """The estimator's ``version``; for a plug-in (any module but those the ``estimators`` package ships, a file
+    placed in ``estimators/`` included) also a hash of the source file that defines it, so editing the plug-in
+    re-runs its cells."""
+    from estimators import SHIPPED
+
+    package, _, module = cls.__module__.partition(".")
+    if package == "estimators" and module in SHIPPED:
         return f"v{cls.version}"
     try:
         source = inspect.getsourcefile(cls)

@@ -139,8 +139,9 @@ class Estimator(ABC):
     #: For a peer adapter: the registered ifbench estimator that computes the same scores, with these options.
     counterpart: ClassVar[str] = ""
     counterpart_options: ClassVar[dict[str, Any]] = {}
-    #: True if the estimator only needs θ̂ (no checkpoints) and may run on the task's head view
-    #: (frozen features + head) when it is restricted to the head's parameters.
+    #: True if the estimator only needs θ̂ (no checkpoints) and may run on the task's head view when it is
+    #: restricted to the head's parameters: the frozen trunk's features are computed once per model, and
+    #: ``ctx.model`` is the head alone (influence on the head's parameters is the same, and far cheaper).
     uses_head_view: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
@@ -175,5 +176,7 @@ class Estimator(ABC):
         raise NotImplementedError(f"{self.name} does not provide self-influence")
 
     def diagnostics(self) -> dict[str, float]:
-        """Numbers worth recording with the result (iterations, residuals, chosen scales)."""
+        """Numbers worth recording with the result (iterations, residuals, chosen scales). The key
+        ``"n_parameters"`` (how many of the model's parameters the estimator works on) fills the
+        leaderboard's *params* column."""
         return {}

@@ -95,3 +95,32 @@ def test_list_aligns_every_description_and_version_names_the_installed_package(t
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"ifbench {version('ifbench')}"
+
+
+def test_the_readme_example_imports_from_the_plug_in_surface_only():
+    imports = [line for line in readme_example().splitlines() if line.startswith(("import ", "from "))]
+    ours = [line for line in imports if line.split()[1].split(".")[0] in ("bench", "estimators", "tasks")]
+    assert ours == ["from estimators.api import Estimator, FitContext, FlatLoss, per_example_grads, registered"]
+
+
+def test_a_file_placed_in_estimators_is_a_plug_in_keyed_by_its_source(tmp_path, monkeypatch):
+    import sys
+
+    import estimators
+    from bench.runner import estimator_fingerprint
+
+    folder = tmp_path / "placed"
+    folder.mkdir()
+    (folder / "placed_estimator.py").write_text(PLUGIN_SOURCE.format(name="placed-est"))
+    monkeypatch.setattr(estimators, "__path__", [*estimators.__path__, str(folder)])
+    monkeypatch.delitem(sys.modules, "estimators.placed_estimator", raising=False)
+    registry = default_registries(entry_points=False).estimators
+    assert registry.origin("placed-est") == "plug-in file estimators/placed_estimator.py"
+    assert registry.origin("grad-dot") == "built-in"  # so `ifbench list` tags only the placed file
+    before = estimator_fingerprint(registry.get("placed-est"))
+    (folder / "placed_estimator.py").write_text(PLUGIN_SOURCE.format(name="placed-est") + "\n# edited\n")
+    monkeypatch.delitem(sys.modules, "estimators.placed_estimator")
+    after = estimator_fingerprint(default_registries(entry_points=False).estimators.get("placed-est"))
+    assert before != after and before.startswith("v1-")  # the edit re-runs its cells
+    grad_dot = registry.get("grad-dot")
+    assert estimator_fingerprint(grad_dot) == f"v{grad_dot.version}"  # shipped modules: keyed by version alone
