@@ -20,6 +20,7 @@ from bench.registry import registered
 from estimators.autodiff import hvp_operator
 from estimators.base import FitContext
 from estimators.influence import InverseHvpInfluence
+from estimators.options import at_least
 from estimators.solvers import arnoldi_eigenpairs
 
 
@@ -37,6 +38,8 @@ class ArnoldiConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.rank <= self.iterations:
             raise ValueError(f"arnoldi needs 1 ≤ rank ≤ iterations, got rank={self.rank}, iterations={self.iterations}")
+        at_least(0, damping=self.damping)
+        at_least(1, grad_chunk=self.grad_chunk, hvp_chunk=self.hvp_chunk)
 
 
 @registered("arnoldi")

@@ -55,6 +55,8 @@ class KfacConfig:
     def __post_init__(self) -> None:
         if self.fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {', '.join(map(repr, FISHERS))}, got {self.fisher!r}")
+        if self.max_parameters < 1:
+            raise ValueError(f"max_parameters must be ≥ 1, got {self.max_parameters}")
         if not self.damping >= 0 or min(self.batch_size, self.grad_chunk, self.column_chunk) < 1:
             raise ValueError(f"damping must be ≥ 0 and the chunk sizes ≥ 1, got damping={self.damping}, "
                              f"batch_size={self.batch_size}, grad_chunk={self.grad_chunk}, column_chunk={self.column_chunk}")

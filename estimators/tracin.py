@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
+from estimators.options import at_least
 from tasks.base import Params, Split
 
 #: ``split ↦ (δ [b, C], x̃ [b, d'])`` with the per-example gradient δ ⊗ x̃, or None where it is not of that form.
@@ -143,6 +144,9 @@ class TracInConfig:
     grad_chunk: int = 64
     column_chunk: int = 1024
 
+    def __post_init__(self) -> None:
+        at_least(1, grad_chunk=self.grad_chunk, column_chunk=self.column_chunk)
+
 
 @registered("tracin")
 class TracIn(GradientSimilarity):
@@ -169,6 +173,9 @@ class GradDotConfig:
     parameters: tuple[str, ...] = ()
     grad_chunk: int = 64
     column_chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        at_least(1, grad_chunk=self.grad_chunk, column_chunk=self.column_chunk)
 
 
 @registered("grad-dot")

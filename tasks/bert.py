@@ -103,6 +103,11 @@ class BertConfig(SgdRecipe):
     l2: float = 1e-4
     n_checkpoints: int = 3
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be ≥ 2 tokens ([CLS] and [SEP]), got {self.max_length}")
+
 
 class BertTask(SgdTask):
     """Shared logic; subclasses give the texts, labels and checkpoint folder."""

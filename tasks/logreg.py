@@ -47,8 +47,9 @@ class LogRegConfig:
         check_finite("l2", self.l2)
         check_finite("grad_tol", self.grad_tol, positive=True)
         check_finite("trace_lr", self.trace_lr, positive=True)
-        if self.retrain_batch < 1:
-            raise ValueError(f"retrain_batch must be ≥ 1, got {self.retrain_batch}")
+        for name in ("retrain_batch", "max_newton_steps", "trace_epochs", "trace_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
 
 
 def flatten(params: Params) -> Tensor:

@@ -96,6 +96,12 @@ class ResNetConfig(SgdRecipe):
     width: int = 8
     epochs: int = 6
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size < 4 or self.width < 1:
+            raise ValueError(f"image_size must be ≥ 4 (two stride-2 stages) and width ≥ 1, got {self.image_size}, "
+                             f"{self.width}")
+
 
 class ResNetTask(SgdTask):
     """Cross-entropy classification with :class:`SmallResNet`."""

@@ -37,6 +37,7 @@ from bench.groundtruth.base import (
 )
 from bench.groundtruth.retraining import (
     check_at_least,
+    check_lr_factor,
     check_retrain_mode,
     check_warm_epochs,
     retrain_effects,
@@ -66,6 +67,7 @@ class GroupRemovalConfig:
     def __post_init__(self) -> None:
         check_retrain_mode(self.retrain)
         check_warm_epochs(self.warm_epochs)
+        check_lr_factor("warm_lr_factor", self.warm_lr_factor)
         check_at_least("groups_per_cell", self.groups_per_cell, 2, "a correlation within a block needs two")
         check_at_least("n_clusters", self.n_clusters, 1)
         check_at_least("seeds", self.seeds, 1)

@@ -33,6 +33,7 @@ from bench.groundtruth.base import (
 )
 from bench.groundtruth.retraining import (
     check_at_least,
+    check_lr_factor,
     check_retrain_mode,
     check_warm_epochs,
     retrain_effects,
@@ -58,6 +59,7 @@ class LdsConfig:
     def __post_init__(self) -> None:
         check_retrain_mode(self.retrain)
         check_warm_epochs(self.warm_epochs)
+        check_lr_factor("warm_lr_factor", self.warm_lr_factor)
         check_at_least("n_subsets", self.n_subsets, 3, "a rank correlation across subsets")
         check_at_least("seeds", self.seeds, 1)
         if not 0 < self.alpha < 1:

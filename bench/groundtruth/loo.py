@@ -25,7 +25,7 @@ import torch
 
 from bench.executors import Executor
 from bench.groundtruth.base import GroundTruth, ScoreMatrixProtocol, TaskShape
-from bench.groundtruth.retraining import check_at_least, check_warm_epochs, retrain_effects, warm_steps
+from bench.groundtruth.retraining import check_at_least, check_lr_factor, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
@@ -43,6 +43,7 @@ class LooConfig:
 
     def __post_init__(self) -> None:
         check_warm_epochs(self.warm_epochs)
+        check_lr_factor("warm_lr_factor", self.warm_lr_factor)
         check_at_least("n_removed", self.n_removed, 2, "a correlation across removals needs two")
         check_at_least("seeds", self.seeds, 1)
 

@@ -33,7 +33,7 @@ from bench.groundtruth.base import (
     unpack_groups,
 )
 from bench.groundtruth.loo import plan_removals
-from bench.groundtruth.retraining import check_at_least, check_warm_epochs, retrain_effects, warm_steps
+from bench.groundtruth.retraining import check_at_least, check_lr_factor, check_warm_epochs, retrain_effects, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -64,6 +64,7 @@ class RetrainLengthConfig:
         check_at_least("n_removed", self.n_removed, 2, "a correlation across removals needs two")
         check_at_least("group_size", self.group_size, 1)
         check_at_least("seeds", self.seeds, 1)
+        check_lr_factor("lr_factor", self.lr_factor)
 
 
 def check_removal_groups(n_train: int, n_removed: int, group_size: int) -> None:

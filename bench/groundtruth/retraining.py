@@ -30,6 +30,18 @@ def check_warm_epochs(epochs: float) -> None:
         raise ValueError(f"warm retrains must last at least 1 epoch (every removed point visited), got {epochs}")
 
 
+def check_lr_factor(name: str, value: float) -> None:
+    """A warm retrain's learning-rate factor: finite and > 0 (it multiplies the recipe's rate)."""
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive number (a factor on the recipe's learning rate), got {value!r}")
+
+
+def check_class(name: str, value: int) -> None:
+    """A class index, or −1 for the protocol's own choice."""
+    if value < -1:
+        raise ValueError(f"{name} must be a class index ≥ 0, or -1 for the protocol's choice, got {value}")
+
+
 def check_at_least(name: str, value: int, minimum: int, why: str = "") -> None:
     """Refuse a count below ``minimum`` (at planning, before any work)."""
     if value < minimum:

@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from bench.executors import Executor
 from bench.groundtruth.base import CellResult, Evaluation, EvaluationError, GroundTruth, Protocol
-from bench.groundtruth.retraining import check_retrain_mode, check_warm_epochs, warm_steps
+from bench.groundtruth.retraining import check_class, check_lr_factor, check_retrain_mode, check_warm_epochs, warm_steps
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import PARAMETER_UPDATE
@@ -54,6 +54,8 @@ class ClassRemovalConfig:
     def __post_init__(self) -> None:
         check_retrain_mode(self.retrain)
         check_warm_epochs(self.warm_epochs)
+        check_lr_factor("warm_lr_factor", self.warm_lr_factor)
+        check_class("target_class", self.target_class)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class LabelChangeConfig:
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
             raise ValueError(f"label-change: fraction must be in (0, 1), got {self.fraction}")
+        check_class("source_class", self.source_class)
+        check_class("target_class", self.target_class)
 
 
 def _flatten(params: Params, names: list[str]) -> Tensor:
