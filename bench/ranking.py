@@ -12,13 +12,13 @@ Pure numpy over records (no torch), used by pooling and the leaderboard.
   freedom. Half-width: √((t·s/√B)² + (z·se̅)²), s the standard deviation of the B
   values, se̅² the mean of se_b². Conservative where within-model errors are less
   than fully shared (s then holds part of them too).
-- **Rank bands** (:func:`rank_bands`): the column's leader (highest mean) is
-  compared with each estimator by a paired bootstrap of the difference in their
-  headline on the same base models and queries (base models and queries
-  resampled, the same draw for both; the columns are the same for every
-  estimator, so the comparison is conditional on them). Those whose difference's
-  95% interval reaches 0 are not significantly behind the leader and share band
-  1; the best of the rest leads band 2, and so on down. Where records keep no
+- **Rank bands** (:func:`rank_bands`): down the column from the leader (highest
+  mean), each estimator is compared with its band's leader by a paired bootstrap
+  of the difference in their headline on the same base models and queries (base
+  models and queries resampled, the same draw for both; the columns are the same
+  for every estimator, so the comparison is conditional on them). One whose
+  difference's 95% interval reaches 0 is not significantly behind and joins the
+  band; the first that is significantly behind leads the next band. Where records keep no
   per-query values (mislabel, updates) two estimators share a band when their
   95% intervals overlap.
 - **Agreement** (:func:`agreeing`): estimators whose per-query headline agrees
@@ -109,29 +109,28 @@ def _seed(*names: str) -> int:
     return zlib.crc32("/".join(names).encode())
 
 
+def _behind(leader: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether ``record`` is significantly behind ``leader`` (paired bootstrap, or intervals without overlap)."""
+    a, b = per_query_matrix(leader), per_query_matrix(record)
+    if a is not None and b is not None and a.shape == b.shape:
+        return behind_leader(a, b, seed=_seed(leader["task"], leader["protocol"], leader["estimator"],
+                                              record["estimator"]))
+    return not _overlaps(leader, record)
+
+
 def rank_bands(records: list[dict[str, Any]], skip: Sequence[str] = ()) -> dict[str, int]:
-    """Band of each ok record's estimator (1 = not significantly behind the column's leader), ``skip`` left out
-    (estimators shown as agreeing with another)."""
+    """Band of each ok record's estimator, ``skip`` left out (estimators shown as agreeing with another). Down
+    the column from the best: an estimator not significantly behind the current band's leader joins its band;
+    the first that is leads the next band. Bands therefore never rise down the column (a paired comparison is
+    not transitive: testing each against the column's leader alone could put a lower value in a better band)."""
     ranked = sorted((r for r in records if _value(r) is not None and r["estimator"] not in skip),
                     key=lambda r: (-_value(r), r["estimator"]))
     bands: dict[str, int] = {}
-    band = 0
-    while ranked:
-        band += 1
-        leader, rest = ranked[0], []
-        leader_values = per_query_matrix(leader)
-        for record in ranked:
-            values = per_query_matrix(record)
-            if values is not None and leader_values is not None and values.shape == leader_values.shape:
-                behind = behind_leader(leader_values, values, seed=_seed(leader["task"], leader["protocol"],
-                                                                         leader["estimator"], record["estimator"]))
-            else:
-                behind = not _overlaps(leader, record)
-            if record is leader or not behind:
-                bands[record["estimator"]] = band
-            else:
-                rest.append(record)
-        ranked = rest
+    band, leader = 0, None
+    for record in ranked:
+        if leader is None or _behind(leader, record):
+            band, leader = band + 1, record
+        bands[record["estimator"]] = band
     return bands
 
 

@@ -18,9 +18,9 @@ from bench.formatting import (
 from bench.metrics import INFORMATIVE_CEILING
 from bench.ranking import AGREEMENT, ColumnJudgement
 
-BAND_RULE = ("*rank* is a rank band: band 1 holds the leader and every estimator not significantly behind it (a "
-             "paired bootstrap of their difference on the same base models and queries, 95%); the best of the rest "
-             "leads band 2, and so on down.")
+BAND_RULE = ("*rank* is a rank band: down the table, an estimator not significantly behind its band's leader (a "
+             "paired bootstrap of their difference on the same base models and queries, 95%) joins the band; the "
+             "first that is behind leads the next band.")
 
 
 def not_applicable(record: dict[str, Any]) -> bool:

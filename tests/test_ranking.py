@@ -126,3 +126,14 @@ def test_the_overview_gives_one_aggregate_per_kind_of_ground_truth():
     assert cells["`c`"][2] == "–" and cells["`c`"][0] != "–"  # no convex value, still a deep score
     assert abs(float(cells["`a`"][2]) - 0.9) < 0.03 and abs(float(cells["`a`"][0]) - 0.25) < 0.05
     assert "## deep · lds-scratch · from scratch" in lines and "## deep · lds · fine-tune response" in lines
+
+
+def test_bands_never_rise_down_the_column():
+    """c is consistently 0.02 behind a (significant, paired); b is lower still on average but so noisy that it is
+    not significantly behind a. Compared with the column's leader alone, b would get band 1 below c's band 2."""
+    generator = np.random.default_rng(7)
+    shared = generator.normal(0.5, 0.2, 100)
+    records = [_record("a", shared + 0.10 + generator.normal(0, 0.005, 100)),
+               _record("c", shared + 0.08 + generator.normal(0, 0.005, 100)),
+               _record("b", shared + 0.07 + generator.normal(0, 0.3, 100))]
+    assert rank_bands(records) == {"a": 1, "c": 2, "b": 2}
