@@ -387,19 +387,30 @@ def test_bert_offers_cls_features_and_fastif_leaves_the_head_view_for_them(tmp_p
 @pytest.mark.slow
 def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
     """Every protocol the ``full`` suite lists for SST-2 runs on files in the real format (tiny BERT). CIFAR-10's
-    ResNet-18 costs ~5 minutes even on 48 images here, so its list is checked to be one the default and smoke
-    suites run on mnist-resnet, the same ResNetTask code."""
+    ResNet-18 costs ~5 minutes even on 48 images here, so its protocols run on a tiny mnist-resnet, the same
+    ResNetTask code (those the default and smoke suites do not already run there)."""
     from bench.config import load_suite
 
     lists = {t.name: list(t.protocols) for t in load_suite("full").tasks}
     on_mnist_resnet = {p for name in ("default", "smoke") for t in load_suite(name).tasks if t.name == "mnist-resnet"
                        for p in t.protocols}
-    assert set(lists["cifar10-resnet"]) <= on_mnist_resnet
-    model_dir = write_sst2_and_tiny_bert(tmp_path)
     tiny_protocols = {
         "loo-warm": "n_removed = 2", "loo-scratch": "n_removed = 2", "lds": "n_subsets = 3",
-        "label-change": "fraction = 0.1", "mislabel": "n_ranked = 0",
+        "lds-scratch": "n_subsets = 3", "label-change": "fraction = 0.1", "mislabel": "n_ranked = 0",
+        "group": "fractions = [0.1]\ngroups_per_cell = 2", "retrain-length": "n_removed = 3\nepochs = [1, 2]",
     }
+    missing = sorted(set(lists["cifar10-resnet"]) - on_mnist_resnet)
+    if missing:
+        resnet = ('name = "tiny-resnet"\nthreads = 2\nbootstrap_resamples = 20\nestimators = ["if-exact", "random"]\n'
+                  '[[tasks]]\nname = "mnist-resnet"\npreset = "smoke"\nn_train = 200\nn_test = 60\nn_queries = 4\n'
+                  f'epochs = 1\nprotocols = {json.dumps(missing)}\n')
+        resnet += "".join(f'[[protocols]]\nname = "{p}"\n{tiny_protocols[p]}\n' for p in missing)
+        (tmp_path / "resnet.toml").write_text(resnet)
+        assert main(["run", "--suite", str(tmp_path / "resnet.toml"), "--results", str(tmp_path / "rr"),
+                     "--no-progress", "--no-isolate"]) == 0
+        ran = [json.loads(line) for line in (tmp_path / "rr" / "records.jsonl").read_text().splitlines()]
+        assert {r["protocol"] for r in ran if r["status"] == "ok"} == set(missing)
+    model_dir = write_sst2_and_tiny_bert(tmp_path)
     text = ('name = "tiny-full"\nthreads = 2\nbootstrap_resamples = 20\n'
             'estimators = ["if-exact", "gif", "tracin", "random"]\n'
             f'[[tasks]]\nname = "sst2-bert"\npreset = "smoke"\ncheckpoint = "{model_dir}"\nn_train = 32\n'
