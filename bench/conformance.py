@@ -38,7 +38,6 @@ from tasks.logreg import ToyLogReg
 #: |r| < 0.1 here, a flipped sign gives r < 0, and methods that do not target leave-one-out by design
 #: (TracIn, gradient cosine, GIF moving 5% of the parameters) land between 0.4 and 0.7.
 MIN_AGREEMENT = 0.25
-MIN_PEARSON = MIN_AGREEMENT
 #: Self-influence is checked on every SELF_STRIDE-th training point (an iterative solver pays one solve each).
 SELF_STRIDE = 4
 #: Share of points whose self-influence must be positive (the exact rise is positive for all of them).

@@ -60,7 +60,7 @@ class RetrainChunk:
 class ChunkResult:
     """``losses [L, len(removals), Q]``: each retrained model's per-query loss (the task's dtype, on the CPU)
     after each of the spec's ``L = len(spec.lengths)`` retraining lengths (1 without snapshots); ``margins``
-    (same shape): the task's per-query margin (:meth:`~tasks.base.Task.per_example_margin`) of the same models."""
+    (same shape): the task's per-query margin (:meth:`~tasks.base.Task.per_example_measures`) of the same models."""
 
     key: tuple[int, int]
     losses: np.ndarray
