@@ -200,19 +200,19 @@ def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True
 
 def _peers_section(results_dir: Path) -> list[str]:
     """The peer implementations' section when ``ifbench peers`` wrote its measurements into the results folder."""
-    from bench import peers
+    from bench import peers_report
 
-    loaded = peers.load(results_dir)
-    return peers.render(*loaded) if loaded is not None else []
+    loaded = peers_report.load(results_dir)
+    return peers_report.render(*loaded) if loaded is not None else []
 
 
 def _profile_section(results_dir: Path, out: Path, with_figures: bool) -> list[str]:
     """The scaling section when ``ifbench profile`` wrote its measurements into the results folder."""
-    from bench import scaling
+    from bench import scaling_report
 
-    loaded = scaling.load(results_dir)
+    loaded = scaling_report.load(results_dir)
     if loaded is None:
         return []
     points, payload = loaded
-    paths = scaling.figure(points, out.parent / "figures") if with_figures else []
-    return scaling.render(points, payload, [str(p.relative_to(out.parent)) for p in paths])
+    paths = scaling_report.figure(points, out.parent / "figures") if with_figures else []
+    return scaling_report.render(points, payload, [str(p.relative_to(out.parent)) for p in paths])

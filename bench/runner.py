@@ -14,9 +14,7 @@ judged against is computed again, and if it still differs the run refuses
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import inspect
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench import metrics
+from bench import keys
 from bench.cache import (
     ArtifactCache,
     in_order,
@@ -43,14 +41,12 @@ from bench.config import ConfigError
 from bench.executors import Executor, InProcess, make_executor
 from bench.failures import Failure, retry_reason
 from bench.groundtruth.base import GroundTruth, Protocol, Settings
-from bench.hashing import stable_hash
 from bench.heartbeat import heartbeat, refreshing
 from bench.isolation import exit_code
 from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
-from estimators.base import Estimator
 from tasks.base import Task, TaskData, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -58,6 +54,11 @@ log = logging.getLogger(__name__)
 class MixedTruthError(RuntimeError):
     """A cached θ̂ or ground truth differs from what a folder's finished cells were judged against, even after
     computing it again: the run stops rather than judge new cells against another truth than their neighbours."""
+
+
+class PublishedTruthDiffers(RuntimeError):
+    """Scoring against a published leaderboard (``--against``): a truth's own model retrained here differs from
+    the published one, so that truth does not hold on this machine; its cells are recorded as failed."""
 
 
 @dataclass
@@ -104,8 +105,13 @@ class Runner:
     """Executes a :class:`Plan` into a results directory."""
 
     def __init__(self, plan: Plan, results_dir: Path, *, progress: bool = True, retry_failed: bool = False,
-                 plugins: tuple[str, ...] | list[str] = ()):
+                 plugins: tuple[str, ...] | list[str] = (), published: bool = False):
         self.plan, self.suite, self.plugins = plan, plan.suite, tuple(plugins)
+        #: scoring against a published leaderboard: a θ̂ this machine does not reproduce bit for bit is used for
+        #: the truths no θ̂ enters, and the θ̂-dependent truths' cells are recorded as failed (not a MixedTruthError)
+        self.published = published
+        #: task keys whose θ̂, trained here, differs from the one the folder's records name (published mode)
+        self.differing: set[str] = set()
         self.results_dir = Path(results_dir)
         self.store = ResultsStore(self.results_dir)
         self.cache = ArtifactCache(self.results_dir / "cache")
@@ -163,19 +169,16 @@ class Runner:
     def _run_base_model(self, planned: PlannedTask, base_model: int, data_of: Callable[[Task], TaskData],
                         done: dict[str, Any], summary: RunSummary) -> None:
         suite, name = self.suite, planned.spec.name
-        task_seed = derive_seed(suite.seed, "task", name)
-        task = planned.cls(planned.config, seed=task_seed, device=self.device, base_model=base_model)
-        key_parts = ("task", name, planned.cls.version, planned.config, task_seed, self.device.type, suite.threads)
-        data_key = stable_hash(*key_parts)  # base model 0's θ̂; the key of truths that no θ̂ enters
-        task_key = stable_hash(*key_parts, "base model", base_model) if base_model else data_key
+        task = planned.cls(planned.config, seed=keys.task_seed(suite, name), device=self.device, base_model=base_model)
+        task_key = keys.task_key(suite, planned, base_model)
         cells = [(p, e) for p in planned.protocols for e in self.plan.estimators if e.runs_on(name)]
         predictions = {(p.name, e.name): self._prediction_key(task_key, p, e) for p, e in cells}
-        keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
-        pending = [(p, e) for p, e in cells if keys[p.name, e.name] not in done]
-        judged = [done[key] for key in keys.values() if key in done]
+        cell_keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
+        pending = [(p, e) for p, e in cells if cell_keys[p.name, e.name] not in done]
+        judged = [done[key] for key in cell_keys.values() if key in done]
         summary.skipped += len(judged)
         summary.failed_before += sum(record.get("status") == "failed" for record in judged)
-        summary.retried += [self.retry[key] for key in keys.values() if key in self.retry]
+        summary.retried += [self.retry[key] for key in cell_keys.values() if key in self.retry]
         label = name if planned.spec.base_models == 1 else f"{name} base model {base_model + 1}/{planned.spec.base_models}"
         if not pending:
             log.info("%s: all %d cells already finished", label, len(cells))
@@ -186,17 +189,24 @@ class Runner:
         truths: dict[str, GroundTruth | Failure] = {}
         for protocol_plan in planned.protocols:
             if any(q.name == protocol_plan.name for q, _ in pending):
+                if task_key in self.differing and protocol_plan.cls.depends_on_base:
+                    truths[protocol_plan.name] = Failure(
+                        f"θ̂ of {label} trained here differs from the published one: the published {protocol_plan.name} "
+                        "truth was measured around that θ̂ and does not hold for this one (truths trained from "
+                        "scratch do)")
+                    continue
                 try:
-                    owner = task_key if protocol_plan.cls.depends_on_base else data_key
-                    truth, truth_key, digest = self._ground_truth(task, data, base, owner, protocol_plan, label)
+                    key = keys.truth_key(suite, planned, base_model, protocol_plan)
+                    truth, digest = self._ground_truth(task, data, base, key, protocol_plan, label)
                 except MixedTruthError:
                     raise
                 except Exception as err:  # recorded in every cell of this protocol; the run goes on
                     log.error("ground truth %s/%s failed: %s", label, protocol_plan.name, err)
                     truths[protocol_plan.name] = Failure.of(err)
                 else:
-                    truths[protocol_plan.name], stamp.truths[protocol_plan.name] = truth, (truth_key, digest)
-        job = CellJob(self.plan, self.results_dir, task, data, base, planned, truths, tuple(pending), keys, predictions)
+                    truths[protocol_plan.name], stamp.truths[protocol_plan.name] = truth, (key, digest)
+        job = CellJob(self.plan, self.results_dir, task, data, base, planned, truths, tuple(pending), cell_keys,
+                      predictions)
         self._relay(job, label, stamp, summary)
 
     def _relay(self, job: CellJob, label: str, stamp: Judged, summary: RunSummary) -> None:
@@ -255,16 +265,10 @@ class Runner:
             summary.failures.append(f"{record['task']}/{record['protocol']}/{record['estimator']}: {record['error']}")
 
     def _prediction_key(self, task_key: str, protocol: PlannedComponent, estimator: PlannedComponent) -> str:
-        """What an estimator's prediction depends on: the task, the ground truth's columns, the estimator."""
-        return stable_hash(task_key, self._protocol_key_parts(protocol), estimator.name, estimator.config,
-                           estimator_fingerprint(estimator.cls))
+        return keys.prediction_key(self.suite, task_key, protocol, estimator, keys.estimator_fingerprint(estimator.cls))
 
     def _cell_key(self, prediction_key: str) -> str:
-        """A finished cell: the prediction plus how it is judged (metric settings and definitions)."""
-        return stable_hash(prediction_key, self.suite.top_k, self.suite.bootstrap_resamples, metrics.VERSION)
-
-    def _protocol_key_parts(self, protocol: PlannedComponent) -> tuple:
-        return (protocol.name, protocol.cls.version, protocol.config, derive_seed(self.suite.seed, "protocol", protocol.name))
+        return keys.cell_key(self.suite, prediction_key)
 
     def _trained_base(self, task: Task, data: TaskData, task_key: str, label: str) -> tuple[TrainedModel, Judged]:
         """θ̂ of the task's base model (from the cache, else trained and cached) with its stamp. A cached θ̂
@@ -283,7 +287,11 @@ class Runner:
             base = task.train(data)
         base.diagnostics["train_seconds"] = prof.seconds
         digest = model_digest(base)
-        if expected and digest not in expected:
+        if expected and digest not in expected and self.published:
+            log.warning("θ̂ of %s trained here differs from the published one (%s vs %s): only truths no θ̂ enters hold",
+                        label, digest[:12], ", ".join(sorted(d[:12] for d in expected)))
+            self.differing.add(task_key)
+        elif expected and digest not in expected:
             raise MixedTruthError(f"θ̂ of {label} trained again differs from the one this folder's records were judged "
                                   f"against ({digest[:12]} vs {', '.join(sorted(d[:12] for d in expected))}): use "
                                   f"another --results folder, or delete {self.store.path} to judge every cell again")
@@ -299,15 +307,14 @@ class Runner:
         return trained
 
     def _protocol(self, protocol_plan: PlannedComponent) -> Protocol:
-        return protocol_plan.cls(protocol_plan.config, seed=derive_seed(self.suite.seed, "protocol", protocol_plan.name))
+        return keys.protocol_instance(self.suite, protocol_plan)
 
-    def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, owner_key: str,
-                      protocol_plan: PlannedComponent, label: str) -> tuple[GroundTruth, str, str]:
-        """The cached ground truth (or a fresh one, then cached) under ``owner_key`` (θ̂'s key, or the data's for a
-        truth no θ̂ enters), its cache key and digest, with its noise ceiling
-        judged anew each time (like the metrics: a change in how the ceiling is computed needs no retraining).
-        A cached truth other than the one the folder's records were judged against is computed again."""
-        key = stable_hash(owner_key, self._protocol_key_parts(protocol_plan))
+    def _ground_truth(self, task: Task, data: TaskData, base: TrainedModel, key: str,
+                      protocol_plan: PlannedComponent, label: str) -> tuple[GroundTruth, str]:
+        """The cached ground truth under ``key`` (:func:`bench.keys.truth_key`), or a fresh one, then cached, and
+        its digest, with its noise ceiling judged anew each time (like the metrics: a change in how the ceiling
+        is computed needs no retraining). A cached truth other than the one the folder's records were judged
+        against is computed again."""
         expected = self.judged_digests.get(key, set())
         protocol = self._protocol(protocol_plan)
         truth = self._cached_truth(task, key, protocol_plan.name)
@@ -323,6 +330,9 @@ class Runner:
             truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, "seconds": prof.seconds,
                                                                 "retrain_workers": float(self.executor.workers)})
             digest = truth_digest(truth)
+            if expected and digest not in expected and self.published:
+                raise PublishedTruthDiffers(f"the published {protocol_plan.name} truth's model, trained here from the "
+                                            "recipe, differs from the published one: this truth does not hold here")
             if expected and digest not in expected:
                 raise MixedTruthError(f"ground truth {self.cache.groundtruth_path(key)} computed again differs from the "
                                       "one this folder's records were judged against: use another --results folder, "
@@ -332,7 +342,7 @@ class Runner:
             self.cache.save_arrays(key, *pack_truth(truth))
         settings = Settings(self.suite.top_k, self.suite.bootstrap_resamples, derive_seed(self.suite.seed, "ceiling", key))
         truth = dataclasses.replace(truth, diagnostics={**truth.diagnostics, **protocol.noise_ceiling(truth, settings)})
-        return truth, key, digest
+        return truth, digest
 
     def _cached_truth(self, task: Task, key: str, name: str) -> GroundTruth | None:
         cached = load_or_none(self.cache.load_arrays, key)
@@ -367,22 +377,6 @@ def _pair(cell: tuple[str, str] | None, remaining: list[tuple[PlannedComponent, 
           ) -> tuple[PlannedComponent, PlannedComponent] | None:
     """The pending cell named ``(protocol, estimator)``."""
     return next((pair for pair in remaining if cell == (pair[0].name, pair[1].name)), None)
-
-
-def estimator_fingerprint(cls: type[Estimator]) -> str:
-    """The estimator's ``version``; for a plug-in (any module but those the ``estimators`` package ships, a file
-    placed in ``estimators/`` included) also a hash of the source file that defines it, so editing the plug-in
-    re-runs its cells."""
-    from estimators import SHIPPED
-
-    package, _, module = cls.__module__.partition(".")
-    if package == "estimators" and module in SHIPPED:
-        return f"v{cls.version}"
-    try:
-        source = inspect.getsourcefile(cls)
-    except TypeError:  # defined interactively: no file to hash
-        source = None
-    return f"v{cls.version}-{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]}" if source else f"v{cls.version}"
 
 
 def _model_order(task: Task) -> list[str]:

@@ -107,7 +107,7 @@ def test_a_file_placed_in_estimators_is_a_plug_in_keyed_by_its_source(tmp_path, 
     import sys
 
     import estimators
-    from bench.runner import estimator_fingerprint
+    from bench.keys import estimator_fingerprint
 
     folder = tmp_path / "placed"
     folder.mkdir()
