@@ -1,4 +1,4 @@
-"""The ``ifbench`` command line: run | list | leaderboard | check-estimator | throughput | profile | peers."""
+"""The ``ifbench`` command line: run | list | leaderboard | export | check-estimator | throughput | profile | peers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import cli_published
 from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, make_config, with_overrides
 from bench.preflight import check_device, check_writable, slug
 from bench.registry import RegistryError
@@ -45,9 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    cli_published.add_export_parser(sub)
 
     run = sub.add_parser("run", help="run a suite (resumes: finished cells are skipped)")
-    run.add_argument("--suite", default="default", help=f"built-in suite ({', '.join(BUILTIN_SUITES)}) or a TOML file")
+    run.add_argument("--suite", help=f"built-in suite ({', '.join(BUILTIN_SUITES)}) or a TOML file (default: default)")
+    run.add_argument("--against", metavar="PUBLISHED", help="score only --estimators against a published leaderboard "
+                     "(a folder `ifbench export` wrote, e.g. leaderboard/, or a hub dataset's name)")
     run.add_argument("--tasks", nargs="+", help="only these tasks")
     run.add_argument("--estimators", nargs="+", help="only these estimators (default: all registered)")
     run.add_argument("--protocols", nargs="+", help="only these ground-truth protocols")
@@ -122,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["IFBENCH_DATA_DIR"] = str(args.data_dir)
-    suite = load_suite(args.suite)  # a malformed suite is refused here, before torch is imported
+    if args.against:
+        return cli_published.run_against(args, _execute)
+    suite = load_suite(args.suite or "default")  # a malformed suite is refused here, before torch is imported
     suite = with_overrides(suite, tasks=_names(args.tasks), estimators=_names(args.estimators), device=args.device,
                            seed=args.seed, threads=args.threads, isolate=args.isolate, cell_timeout_s=args.cell_timeout_s,
                            cell_memory_mb=args.cell_memory_mb, scheduler=args.scheduler,
@@ -140,14 +146,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         plan = plan_suite(suite, registries)  # validates everything, sizes against each task, before any write
     results = args.results or Path("results") / slug(suite.name)
     check_writable(results)
+    cli_published.keep_suite(args.suite or "default", results)
     print(f"ifbench: suite {suite.name!r} · {len(plan.tasks)} task(s) × {len(plan.protocols)} protocol(s) × "
           f"{len(plan.estimators)} estimator(s) → {results}", file=sys.stderr)
     return _execute(plan, results, args)
 
 
-def _execute(plan: Any, results: Path, args: argparse.Namespace) -> int:
+def _execute(plan: Any, results: Path, args: argparse.Namespace, published: Any = None) -> int:
     """Run the plan into ``results`` under its lock and report the folder's state: exit non-zero while any
-    cell of the plan is failed (this run's or an earlier one's)."""
+    cell of the plan is failed (this run's or an earlier one's). ``published``: scoring against it (--against)."""
     from bench.leaderboard import write_leaderboard
     from bench.runner import MixedTruthError, Runner
     from bench.store import FolderBusyError, ResultsStore, exclusive
@@ -155,7 +162,7 @@ def _execute(plan: Any, results: Path, args: argparse.Namespace) -> int:
     try:
         with exclusive(results):
             runner = Runner(plan, results, progress=not args.no_progress, retry_failed=args.retry_failed,
-                            plugins=args.plugin)
+                            plugins=args.plugin, published=published is not None)
             summary = runner.run()
             board = write_leaderboard(results, results / "leaderboard.md")
     except FolderBusyError as err:
@@ -176,6 +183,11 @@ def _execute(plan: Any, results: Path, args: argparse.Namespace) -> int:
           f"leaderboard: {board}", file=sys.stderr)
     for failure in summary.failures:
         print(f"  failed: {failure}", file=sys.stderr)
+    if published is not None:
+        from bench.published import holding
+
+        for sentence in holding(published, runner.differing) or ["every published ground truth holds on this machine"]:
+            print(f"ifbench: {sentence}", file=sys.stderr)
     failed = summary.failed + summary.failed_before
     if failed:
         print(f"ifbench: {failed} cell(s) of this plan are failed in {results}", file=sys.stderr)
@@ -210,33 +222,11 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         raise ConfigError(f"no results in {args.results} (records.jsonl is missing): run `ifbench run` first")
     try:
         with shared(args.results):
-            out = _write_board(args)
+            out = cli_published.write_board(args)
     except FolderBusyError as err:
         raise ConfigError(str(err)) from None
     print(f"ifbench: wrote {out}", file=sys.stderr)
     return 0
-
-
-def _write_board(args: argparse.Namespace) -> Path:
-    """The leaderboard (and with ``--records`` the records and measurements shown) from ``args.results``."""
-    from bench.leaderboard import write_leaderboard
-
-    out = write_leaderboard(args.results, args.out or args.results / "leaderboard.md", with_figures=not args.no_figures)
-    if args.records:
-        import json
-        import shutil
-
-        from bench import peers, scaling
-        from bench.pooling import select_latest
-        from bench.store import ResultsStore
-
-        shown = select_latest(ResultsStore(args.results).records())
-        (out.parent / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in shown))
-        for name in (scaling.PROFILE_FILE, peers.PEERS_FILE):  # the scaling and peers sections' measurements
-            source = args.results / name
-            if source.exists() and source.resolve() != (out.parent / name).resolve():
-                shutil.copyfile(source, out.parent / name)
-    return out
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
@@ -385,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check-estimator": _cmd_check,
+                "export": cli_published.cmd_export,
                 "throughput": _cmd_throughput, "profile": _cmd_profile, "peers": _cmd_peers}
     try:
         return commands[args.command](args)

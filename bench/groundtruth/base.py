@@ -183,6 +183,11 @@ class Protocol(ABC):
         """Sentences that describe this ground truth, for the leaderboard (its size by default)."""
         return [f"{truth.actual.shape[0]} queries × {truth.actual.shape[1]} {self.column_noun}"]
 
+    def replicate_seeds(self, task: Task, seeds: int) -> list[int]:
+        """The training seeds of the truth's ``seeds`` replicates (``replicates[k]``): the task's replicate seeds
+        0..K−1 of its base model (a warm retrain's batch order derives from them), for the published data."""
+        return [task.replicate_seed(k) for k in range(seeds)]
+
     def ceiling_of(self, truth: GroundTruth) -> float | None:
         """The headline's ceiling (1.0 for an exact ground truth), or None where the headline has none."""
         return None

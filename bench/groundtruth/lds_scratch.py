@@ -149,6 +149,12 @@ class LdsScratch(ScoreMatrixProtocol):
             found["ceiling_lds_margin"] = float(np.nanmean(metrics.ceiling("spearman", margins)))
         return found
 
+    def replicate_seeds(self, task: Task, seeds: int) -> list[int]:
+        """Replicate seeds 1..K of base model 0 (:func:`subset_measurements`), whichever base model asks."""
+        shared = copy.copy(task)
+        shared.base_model = 0
+        return [shared.replicate_seed(k + 1) for k in range(seeds)]
+
     def facts(self, truth: GroundTruth) -> list[str]:
         gt = truth.diagnostics
         m, seeds = truth.actual.shape[1], int(gt.get("seeds", 0))
