@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from bench import scaling
+from bench import scaling, scaling_report
 from bench.catalog import default_registries
 from bench.cli import main
 
@@ -155,7 +155,7 @@ def test_the_n_and_q_axes_measure_their_shared_point_once():
 
 def test_memory_lines_leave_out_increments_below_the_floor():
     at = {"axis": "n", "n_parameters": 7850, "fit_s": 1.0, "score_s": 1.0, "repeats": 1}
-    floor = scaling.MEMORY_FLOOR_MB
+    floor = scaling_report.MEMORY_FLOOR_MB
     noisy = [scaling.Point("e", n_train=n, own_mb=mb, **at) for n, mb in ((250, 0.0), (500, 3.8), (1000, 2 * floor),
                                                                          (2000, 4 * floor))]
     slope = scaling.fits(noisy)["e", "n", "memory"]
