@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from bench.atomic import arrays_digest, atomic_savez, atomic_write
+from bench.atomic import arrays_digest, atomic_savez, atomic_write, file_digest
 from bench.groundtruth.base import GroundTruth
 from tasks.base import Checkpoint, TrainedModel
 
@@ -46,7 +46,7 @@ class ArtifactCache:
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         payload = save(cpu, metadata={"key": key})  # bytes, written by Python's I/O: a full disk is an OSError
         atomic_write(weights, lambda p: p.write_bytes(payload))
-        record = {"key": key, "sha256": _file_digest(weights), **meta}
+        record = {"key": key, "sha256": file_digest(weights), **meta}
         atomic_write(info, lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True)))
 
     def load_model(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -60,7 +60,7 @@ class ArtifactCache:
             raise CacheCorruptError(f"corrupt cached model {weights}: {err}") from err
         if meta.get("key") != key:
             raise CacheCorruptError(f"cached model {info} was written for key {meta.get('key')!r}, expected {key!r}")
-        if meta.get("sha256") != _file_digest(weights):
+        if meta.get("sha256") != file_digest(weights):
             raise CacheCorruptError(f"cached model {weights} has changed since it was written (checksum mismatch)")
         return tensors, meta
 
@@ -88,10 +88,6 @@ class ArtifactCache:
         if str(arrays.pop("__sha256__", "")) != arrays_digest(arrays):
             raise CacheCorruptError(f"cached ground truth {path} has changed since it was written (checksum mismatch)")
         return arrays, meta
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench import cli_published
 from bench.config import BUILTIN_SUITES, DEVICES, ConfigError, load_suite, make_config, with_overrides
-from bench.preflight import check_device, check_writable, slug
+from bench.preflight import check_device, check_writable, slug, split_names
 from bench.registry import RegistryError
 
 #: Exit codes: 0 every cell of the plan ok or not applicable; 1 some cell of the plan is failed in the folder
@@ -24,11 +24,7 @@ EXIT_MIXED_TRUTH = 3
 EXIT_INTERRUPTED = 130
 
 
-def _names(values: Sequence[str] | None) -> list[str] | None:
-    """Accept both ``--x a b`` and ``--x a,b``."""
-    if values is None:
-        return None
-    return [part for value in values for part in value.split(",") if part]
+_names = split_names
 
 
 def _installed_version() -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from bench.config import ConfigError, load_suite, with_overrides
 from bench.preflight import check_device, check_writable, slug
+from bench.preflight import split_names as _names
 
 
 def add_export_parser(sub: Any) -> None:
@@ -110,9 +111,3 @@ def write_board(args: argparse.Namespace) -> Path:
             if source.exists() and source.resolve() != (out.parent / name).resolve():
                 shutil.copyfile(source, out.parent / name)
     return out
-
-
-def _names(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [part for value in values for part in value.split(",") if part]

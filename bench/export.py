@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench import keys
-from bench.atomic import arrays_digest, atomic_write
+from bench.atomic import arrays_digest, atomic_write, file_digest
 from bench.cache import ArtifactCache, tensors_digest
 from bench.config import BUILTIN_SUITES, ConfigError, load_suite
 from bench.planning import Plan, PlannedComponent, PlannedTask
@@ -223,7 +223,7 @@ def _manifest(plan: Plan, records: list[dict[str, Any]], source: str, truths: li
               models: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     from bench import environment
 
-    files = {str(p.relative_to(out)): {"sha256": _file_sha(p), "bytes": p.stat().st_size}
+    files = {str(p.relative_to(out)): {"sha256": file_digest(p), "bytes": p.stat().st_size}
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
     first = records[0]
     return {"schema_version": SCHEMA_VERSION, "ifbench": first.get("versions", {}).get("ifbench"),
@@ -232,16 +232,6 @@ def _manifest(plan: Plan, records: list[dict[str, Any]], source: str, truths: li
             "seed": plan.suite.seed, "suite": {"name": plan.suite.name, "source": source, "file": SUITE_FILE},
             "records": RECORDS_FILE, "truths": truths, "models": models, "files": files,
             "total_bytes": sum(f["bytes"] for f in files.values())}
-
-
-def _file_sha(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(config: Any) -> dict[str, Any]:

@@ -23,19 +23,22 @@ def task_seed(suite: SuiteConfig, task: str) -> int:
     return derive_seed(suite.seed, "task", task)
 
 
+def _task_parts(suite: SuiteConfig, planned: PlannedTask) -> tuple:
+    name = planned.spec.name
+    return ("task", name, planned.cls.version, planned.config, task_seed(suite, name), suite.device.split(":")[0],
+            suite.threads)
+
+
 def data_key(suite: SuiteConfig, planned: PlannedTask) -> str:
     """Base model 0's θ̂, and the owner of the ground truths no θ̂ enters (``Protocol.depends_on_base`` false)."""
-    name = planned.spec.name
-    return stable_hash("task", name, planned.cls.version, planned.config, task_seed(suite, name),
-                       suite.device.split(":")[0], suite.threads)
+    return stable_hash(*_task_parts(suite, planned))
 
 
 def task_key(suite: SuiteConfig, planned: PlannedTask, base_model: int) -> str:
     """θ̂ of ``base_model`` (base model 0's is the data key)."""
-    name = planned.spec.name
-    parts = ("task", name, planned.cls.version, planned.config, task_seed(suite, name), suite.device.split(":")[0],
-             suite.threads)
-    return stable_hash(*parts, "base model", base_model) if base_model else data_key(suite, planned)
+    if not base_model:
+        return data_key(suite, planned)
+    return stable_hash(*_task_parts(suite, planned), "base model", base_model)
 
 
 def protocol_parts(suite: SuiteConfig, protocol: PlannedComponent) -> tuple:

@@ -34,3 +34,10 @@ def check_writable(results: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"results folder {results} is not writable: {err.strerror or err}") from None
+
+
+def split_names(values: list[str] | None) -> list[str] | None:
+    """Accept both ``--x a b`` and ``--x a,b`` (None: not given)."""
+    if values is None:
+        return None
+    return [part for value in values for part in value.split(",") if part]

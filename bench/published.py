@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bench import export, keys
-from bench.atomic import arrays_digest, atomic_write
+from bench.atomic import arrays_digest, atomic_write, file_digest
 from bench.config import ConfigError
 from bench.planning import Plan
 
@@ -44,7 +44,7 @@ class Published:
 
     @property
     def digest(self) -> str:
-        return export._file_sha(self.root / export.MANIFEST_FILE)
+        return file_digest(self.root / export.MANIFEST_FILE)
 
     def truth_arrays(self, entry: dict[str, Any]) -> dict[str, np.ndarray]:
         """A truth's arrays rebuilt from its tables, checked against the digest the manifest gives."""
@@ -84,7 +84,7 @@ def open_published(source: str | Path) -> Published:
         path = root / name
         if not path.is_file():
             raise PublishedError(f"{path} is missing (listed in {manifest_path})")
-        if path.stat().st_size != expected["bytes"] or export._file_sha(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or file_digest(path) != expected["sha256"]:
             raise PublishedError(f"{path} differs from {manifest_path} (truncated or altered: SHA-256 mismatch)")
     return Published(root, manifest)
 

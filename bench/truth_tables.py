@@ -50,9 +50,8 @@ def to_tables(arrays: dict[str, np.ndarray], test_index: np.ndarray | None) -> t
             columns[field] = [array[offsets[j]: offsets[j + 1]] for j in range(n_columns)]
         elif form == "per-column":
             columns[field] = array
-    for name in ("extra.offsets",):
-        if name in arrays and layout.get("extra.members", {}).get("form") == "ragged":
-            layout[name] = _entry(arrays[name], "columns", "train_indices", "ragged-offsets")
+    if layout.get("extra.members", {}).get("form") == "ragged":  # the offsets are the lists' lengths
+        layout["extra.offsets"] = _entry(arrays["extra.offsets"], "columns", "train_indices", "ragged-offsets")
     rest = {name: array for name, array in arrays.items() if name not in layout}
     features = {"column": datasets.Value("int64")}
     for entry in layout.values():

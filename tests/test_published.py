@@ -214,7 +214,7 @@ def test_arrays_altered_with_a_matching_file_digest_are_refused(copy):
     """The second lock: a file re-signed in the manifest after its values changed still fails its truth's digest."""
     import datasets
 
-    from bench.export import _file_sha
+    from bench.atomic import file_digest
     from bench.published import PublishedError, open_published
 
     path = copy / "groundtruth" / "mnist-logreg--loo"
@@ -224,7 +224,7 @@ def test_arrays_altered_with_a_matching_file_digest_are_refused(copy):
     datasets.DatasetDict({**tables, "columns": altered}).save_to_disk(str(path))
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("groundtruth/mnist-logreg--loo/")}
-    manifest["files"].update({str(p.relative_to(copy)): {"sha256": _file_sha(p), "bytes": p.stat().st_size}
+    manifest["files"].update({str(p.relative_to(copy)): {"sha256": file_digest(p), "bytes": p.stat().st_size}
                               for p in path.rglob("*") if p.is_file()})
     (copy / "manifest.json").write_text(json.dumps(manifest))
     published = open_published(copy)
@@ -246,12 +246,12 @@ def test_another_schema_version_is_refused_naming_both(copy):
 @pytest.mark.slow
 def test_a_checkout_that_plans_other_keys_is_refused_before_any_work(copy, tmp_path, capsys):
     """A protocol option changed since publication: the truth it names is not the published one."""
-    from bench.export import _file_sha
+    from bench.atomic import file_digest
 
     suite = copy / "suite.toml"
     suite.write_text(suite.read_text().replace("n_subsets = 4", "n_subsets = 5"))
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"]["suite.toml"] = {"sha256": _file_sha(suite), "bytes": suite.stat().st_size}
+    manifest["files"]["suite.toml"] = {"sha256": file_digest(suite), "bytes": suite.stat().st_size}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     code = main(["run", "--against", str(copy), "--estimators", "grad-dot", "--results", str(tmp_path / "r"),
                  "--no-progress"])
