@@ -17,9 +17,9 @@ import pickle
 import signal
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.failures import cause_of
 from bench.profile import current_rss_mb
@@ -27,6 +27,8 @@ from bench.profile import current_rss_mb
 POLL_SECONDS = 0.05
 #: how long a worker whose pipe closed may take to exit (a loaded machine takes seconds to tear down torch)
 EXIT_WAIT_S = 60.0
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,30 @@ def _death(exitcode: int | None) -> str:
     if -exitcode == signal.SIGSEGV:
         return f"the worker crashed with {name} (segmentation fault)"
     return f"the worker was ended by {name}"
+
+
+def run_all(remaining: list[Item], job_of: Callable[[tuple[Item, ...]], Any],
+            messages: Callable[[Any], Iterator[tuple]], *, started: Callable[[Any], None],
+            kept: Callable[[Any, Any], list[Item]], lost: Callable[[Any, str, dict[str, Any]], list[Item]]) -> None:
+    """The one relay loop of ``ifbench run`` and ``ifbench profile``: run ``job_of(remaining)`` through
+    ``messages`` (:func:`relay`'s worker, or the job in this process) until no item remains.
+
+    ``started(cell)`` sees each ``("start", cell)``; ``kept(cell, payload)`` each ``("record", cell, payload)``
+    and returns the items it finished; ``lost(cell_or_None, reason, fields)`` a ``("died", …)`` and returns the
+    items the death ends (recorded by it). Items still left go on in a fresh job. ``remaining`` is emptied;
+    a job that ends without finishing any item is an error (it would run forever)."""
+    while remaining:
+        before = len(remaining)
+        for message in messages(job_of(tuple(remaining))):
+            if message[0] == "start":
+                started(message[1])
+            elif message[0] in ("record", "died"):
+                done = (kept(message[1], message[2]) if message[0] == "record"
+                        else lost(message[1], message[2], message[3] if len(message) > 3 else {}))
+                for item in done:
+                    remaining.remove(item)
+        if len(remaining) == before:
+            raise RuntimeError(f"a job ended without finishing any of its {before} items (first: {remaining[0]!r})")
 
 
 def relay(job: Any, plugins: Sequence[str], limits: CellLimits) -> Iterator[tuple]:

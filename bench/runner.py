@@ -42,7 +42,7 @@ from bench.executors import Executor, InProcess, make_executor
 from bench.failures import Failure, retry_reason
 from bench.groundtruth.base import GroundTruth, Protocol, Settings
 from bench.heartbeat import heartbeat, refreshing
-from bench.isolation import exit_code
+from bench.isolation import exit_code, run_all
 from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
 from bench.seeding import derive_seed
@@ -213,32 +213,30 @@ class Runner:
         """Run the job's cells and keep their records; a worker that dies takes its estimator's unfinished
         cells of this task with it (recorded as failed) and the rest go on in a new one."""
         bar = tqdm(total=len(job.pending), desc=label, unit="cell", disable=not self.progress)
-        remaining = list(job.pending)
-        while remaining:
-            job = dataclasses.replace(job, pending=tuple(remaining))
-            with refreshing(bar):
-                self._take(job, remaining, stamp, summary, bar)
-        bar.close()
 
-    def _take(self, job: CellJob, remaining: list[Cell], stamp: Judged, summary: RunSummary,
-              bar: Any) -> None:
-        """Keep the records of one worker's (or this process's) run of ``job``, until it ends or dies."""
-        for message in (self._isolated(job) if self.suite.isolate else _in_process(job)):
-            if message[0] == "start":
-                bar.set_postfix_str("/".join(message[1]))
-            elif message[0] == "record":
-                self._keep(message[2], summary, stamp)
-                remaining.remove(_pair(message[1], remaining))
+        def kept(name: tuple[str, str], record: dict[str, Any]) -> list[Cell]:
+            self._keep(record, summary, stamp)
+            bar.update(1)
+            return [_pair(name, remaining)]
+
+        def lost(in_flight: tuple[str, str] | None, reason: str, fields: dict[str, Any]) -> list[Cell]:
+            cells = self._lost_cells(in_flight, remaining)
+            for cell in cells:
+                record = base_record(self.plan, job.planned, job.task.base_model, cell[0], cell[1],
+                                     job.keys[cell[0].name, cell[1].name])
+                record["error"] = f"{reason} ({_where(in_flight, cell)}; the run went on)"
+                self._keep({**record, **fields}, summary, stamp)
                 bar.update(1)
-            elif message[0] == "died":
-                for cell in self._lost_cells(message[1], remaining):
-                    record = base_record(self.plan, job.planned, job.task.base_model, cell[0], cell[1],
-                                         job.keys[cell[0].name, cell[1].name])
-                    record["error"] = f"{message[2]} ({_where(message[1], cell)}; the run went on)"
-                    record.update(message[3] if len(message) > 3 else {})
-                    self._keep(record, summary, stamp)
-                    remaining.remove(cell)
-                    bar.update(1)
+            return cells
+
+        def messages(pending: CellJob) -> Iterator[tuple]:
+            with refreshing(bar):
+                yield from self._isolated(pending) if self.suite.isolate else _in_process(pending)
+
+        remaining = list(job.pending)
+        run_all(remaining, lambda cells: dataclasses.replace(job, pending=cells), messages,
+                started=lambda name: bar.set_postfix_str("/".join(name)), kept=kept, lost=lost)
+        bar.close()
 
     def _isolated(self, job: CellJob) -> Iterator[tuple]:
         from bench.isolation import CellLimits, relay

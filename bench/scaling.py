@@ -17,6 +17,7 @@ increment over the resident size before its fit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -121,8 +122,6 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
           isolate: bool = True, plugins: Sequence[str] = ()) -> list[Point]:
     """Measure every (estimator, axis, point) not in ``done``; a point that fails, does not apply or is stopped
     is kept with its note. ``on_point(points)`` sees the list after every new point (to save it)."""
-    from bench.isolation import CellLimits, relay
-
     points = list(done)
     measured = {p.where for p in points}
 
@@ -154,30 +153,45 @@ def sweep(estimators: Sequence[tuple[str, type]], axes: Sequence[str], config: S
             bar.update(len(estimators) - len(todo))
             if not todo:
                 continue
-            data = task.load_data()
-            base = task.train(data)
-            ridge = convexifying_ridge(fit_context(task, data, base, seed)) if axis == "P" else 0.0
-            while todo:  # a worker stopped on one estimator goes on with the rest in a fresh one
-                job = PointJob(task, data, base, tuple(todo), axis, width, config, seed, torch.get_num_threads(),
-                               ridge)
-                limits = CellLimits(config.point_timeout_s, config.point_memory_mb, timeout_option="point_timeout_s",
-                                    memory_option="point_memory_mb")
-                messages = relay(job, plugins, limits) if isolate else job.messages()
-                for message in messages:
-                    if message[0] == "start":
-                        bar.set_postfix_str(f"{message[1][1]} at n={n_train} Q={n_queries} width={width or '–'}")
-                    elif message[0] == "record":
-                        keep(message[2])
-                        todo = [item for item in todo if item[0] != message[1][1]]
-                        bar.update(1)
-                    elif message[0] == "died":
-                        name = message[1][1] if message[1] else todo[0][0]
-                        keep(Point(name, axis, n_train, _total(base), note=f"stopped: {message[2]}",
-                                   n_queries=n_queries, width=width, ridge=ridge))
-                        todo = [item for item in todo if item[0] != name]
-                        bar.update(1)
+            _run_point(task, width, axis, todo, config, seed, plugins=plugins, isolate=isolate, bar=bar, keep=keep)
         bar.close()
     return points
+
+
+def _run_point(task: Any, width: int, axis: str, todo: list[tuple[str, type]], config: SweepConfig, seed: int, *,
+               plugins: Sequence[str], isolate: bool, bar: Any, keep: Callable[[Point], None]) -> None:
+    """Measure ``todo``'s estimators at one sweep point (a worker stopped on one goes on with the rest in a
+    fresh one); each point, measured or stopped, is passed to ``keep``."""
+    from bench.isolation import CellLimits, relay, run_all
+
+    data = task.load_data()
+    base = task.train(data)
+    ridge = convexifying_ridge(fit_context(task, data, base, seed)) if axis == "P" else 0.0
+    n_train, n_queries = task.config.n_train, task.config.n_queries
+    limits = CellLimits(config.point_timeout_s, config.point_memory_mb, timeout_option="point_timeout_s",
+                        memory_option="point_memory_mb")
+    stopped = Point("", axis, n_train, _total(base), n_queries=n_queries, width=width, ridge=ridge)
+    run_all(todo, functools.partial(PointJob, task, data, base, axis=axis, width=width, config=config, seed=seed,
+                                    threads=torch.get_num_threads(), ridge=ridge),
+            (lambda job: relay(job, plugins, limits)) if isolate else (lambda job: job.messages()),
+            started=lambda cell: bar.set_postfix_str(f"{cell[1]} at n={n_train} Q={n_queries} width={width or '–'}"),
+            kept=functools.partial(_kept, keep, todo, bar), lost=functools.partial(_lost, keep, todo, bar, stopped))
+
+
+def _kept(keep: Callable[[Point], None], todo: list, bar: Any, cell: tuple[str, str], point: Point) -> list:
+    """A measured point kept; its estimator is done at this size."""
+    keep(point)
+    bar.update(1)
+    return [item for item in todo if item[0] == cell[1]]
+
+
+def _lost(keep: Callable[[Point], None], todo: list, bar: Any, template: Point, cell: tuple[str, str] | None,
+          reason: str, fields: dict[str, Any]) -> list:
+    """The point a worker died in kept as stopped, with the reason; the others go on in a fresh worker."""
+    name = cell[1] if cell else todo[0][0]
+    keep(dataclasses.replace(template, estimator=name, note=f"stopped: {reason}"))
+    bar.update(1)
+    return [item for item in todo if item[0] == name]
 
 
 def _measured_on_the_other_logreg_axis(points: Sequence[Point], name: str, axis: str, n_train: int,

@@ -190,11 +190,38 @@ def _fmt_seconds(value: float) -> str:
 
 def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[str] = ()) -> list[str]:
     """The leaderboard's scaling section: measured points, fitted exponents, extrapolations."""
-    config, slopes = payload["config"], fits(points)
+    slopes = fits(points)
+    lines = _introduction(points, payload)
+    lines += [_exponent_row(estimator, slopes) for estimator in dict.fromkeys(p.estimator for p in points)]
+    if any(p.axis == "P" for p in points):
+        grad_dot = slopes.get(("grad-dot", "P", "time"))
+        evidence = (f" (per-example gradients grow linearly with P, yet grad-dot's P slope here is {grad_dot.slope:.2f})"
+                    if grad_dot is not None else "")
+        lines += ["", NO_P_EXTRAPOLATION.format(evidence=evidence)]
+    notes = sorted({f"`{p.estimator}` on {p.axis} at {_at(p)}: {p.note}"
+                    for p in points if p.note and p.note != "no single scores"})
+    if notes:
+        lines += ["", "Points not measured: " + "; ".join(notes) + "."]
+    lines += ["", "| estimator | axis | n | Q | P | repeats | fit s | score s | own MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        if p.seconds is not None:
+            lines.append(f"| `{p.estimator}` | {p.axis} | {p.n_train} | {p.n_queries or '–'} | {p.n_parameters:,} | "
+                         f"{p.repeats} | {p.fit_s:.3g} | {p.score_s:.3g} | "
+                         f"{'–' if p.own_mb is None else f'{p.own_mb:.0f}'} |")
+    lines.append("")
+    if figures:
+        lines += [*(f"![scaling profile]({figure})" for figure in figures), ""]
+    return lines
+
+
+def _introduction(points: Sequence[Point], payload: dict[str, Any]) -> list[str]:
+    """The section's heading, what was measured and how to read it, and the exponents table's header."""
+    config = payload["config"]
     queries = config.get("n_queries")
     q_axis = (f"; as Q grows on mnist-logreg (Q = {', '.join(map(str, queries))} queries, "
               f"n = {config['n_train_for_queries']})") if queries else ""
-    lines = [
+    return [
         "## Scaling profile",
         "",
         f"`ifbench profile` on {payload.get('threads', '?')} threads: fit + score time (the queries against every "
@@ -225,51 +252,35 @@ def render(points: Sequence[Point], payload: dict[str, Any], figures: Sequence[s
         + " | ".join(f"{name}, *extrapolated*" for _, name, _ in REFERENCE_SCALES) + " |",
         "|---|---:|---:|---:|---:|---:|" + "---:|" * len(REFERENCE_SCALES),
     ]
-    for estimator in dict.fromkeys(p.estimator for p in points):
-        def shown(axis: str, kind: str, est: str = estimator) -> str:
-            slope = slopes.get((est, axis, kind))
-            if slope is None:
-                return "–"
-            if math.isnan(slope.low):
-                return f"{slope.slope:.2f} (2 points)"
-            return f"{slope.slope:.2f} ({slope.low:.2f} – {slope.high:.2f})"
 
-        cells = []
-        for axis, _, value in REFERENCE_SCALES:
-            time_line, memory_line = slopes.get((estimator, axis, "time")), slopes.get((estimator, axis, "memory"))
-            if time_line is None or math.isnan(time_line.low):  # no interval: not followed outside the range
-                cells.append("–")
-                continue
-            low, high = time_line.span(value)
-            text = f"{_fmt_seconds(time_line.at(value))} ({_fmt_seconds(low)} – {_fmt_seconds(high)})"
-            if memory_line is not None and not math.isnan(memory_line.low):
-                needed, (low, high) = memory_line.at(value), memory_line.span(value)
-                over = [label for label, limit in MEMORY_LIMITS_MB if needed > limit]
-                text += (f", {needed / 1024:.3g} GiB ({low / 1024:.3g} – {high / 1024:.3g})"
-                         + (f", does not fit in {over[-1]}" if over else ""))
-            cells.append(text)
-        lines.append(f"| `{estimator}` | {shown('n', 'time')} | {shown('Q', 'time')} | {shown('P', 'time')} | "
-                     f"{shown('n', 'memory')} | {shown('P', 'memory')} | " + " | ".join(cells) + " |")
-    if any(p.axis == "P" for p in points):
-        grad_dot = slopes.get(("grad-dot", "P", "time"))
-        evidence = (f" (per-example gradients grow linearly with P, yet grad-dot's P slope here is {grad_dot.slope:.2f})"
-                    if grad_dot is not None else "")
-        lines += ["", NO_P_EXTRAPOLATION.format(evidence=evidence)]
-    notes = sorted({f"`{p.estimator}` on {p.axis} at {_at(p)}: {p.note}"
-                    for p in points if p.note and p.note != "no single scores"})
-    if notes:
-        lines += ["", "Points not measured: " + "; ".join(notes) + "."]
-    lines += ["", "| estimator | axis | n | Q | P | repeats | fit s | score s | own MB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in points:
-        if p.seconds is not None:
-            lines.append(f"| `{p.estimator}` | {p.axis} | {p.n_train} | {p.n_queries or '–'} | {p.n_parameters:,} | "
-                         f"{p.repeats} | {p.fit_s:.3g} | {p.score_s:.3g} | "
-                         f"{'–' if p.own_mb is None else f'{p.own_mb:.0f}'} |")
-    lines.append("")
-    if figures:
-        lines += [*(f"![scaling profile]({figure})" for figure in figures), ""]
-    return lines
+
+def _exponent_row(estimator: str, slopes: dict) -> str:
+    """One estimator's exponents with their intervals and its extrapolations to the reference scales."""
+
+    def shown(axis: str, kind: str) -> str:
+        slope = slopes.get((estimator, axis, kind))
+        if slope is None:
+            return "–"
+        if math.isnan(slope.low):
+            return f"{slope.slope:.2f} (2 points)"
+        return f"{slope.slope:.2f} ({slope.low:.2f} – {slope.high:.2f})"
+
+    cells = []
+    for axis, _, value in REFERENCE_SCALES:
+        time_line, memory_line = slopes.get((estimator, axis, "time")), slopes.get((estimator, axis, "memory"))
+        if time_line is None or math.isnan(time_line.low):  # no interval: not followed outside the range
+            cells.append("–")
+            continue
+        low, high = time_line.span(value)
+        text = f"{_fmt_seconds(time_line.at(value))} ({_fmt_seconds(low)} – {_fmt_seconds(high)})"
+        if memory_line is not None and not math.isnan(memory_line.low):
+            needed, (low, high) = memory_line.at(value), memory_line.span(value)
+            over = [label for label, limit in MEMORY_LIMITS_MB if needed > limit]
+            text += (f", {needed / 1024:.3g} GiB ({low / 1024:.3g} – {high / 1024:.3g})"
+                     + (f", does not fit in {over[-1]}" if over else ""))
+        cells.append(text)
+    return (f"| `{estimator}` | {shown('n', 'time')} | {shown('Q', 'time')} | {shown('P', 'time')} | "
+            f"{shown('n', 'memory')} | {shown('P', 'memory')} | " + " | ".join(cells) + " |")
 
 
 def _ridges(points: Sequence[Point]) -> str:
