@@ -97,15 +97,13 @@ def write_board(args: argparse.Namespace) -> Path:
 
     out = write_leaderboard(args.results, args.out or args.results / "leaderboard.md", with_figures=not args.no_figures)
     if args.records:
-        import json
         import shutil
 
         from bench import peers_report, scaling_report
         from bench.pooling import select_latest
-        from bench.store import ResultsStore
+        from bench.store import ResultsStore, write_records
 
-        shown = select_latest(ResultsStore(args.results).records())
-        (out.parent / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in shown))
+        write_records(out.parent / "records.jsonl", select_latest(ResultsStore(args.results).records()))
         for name in (scaling_report.PROFILE_FILE, peers_report.PEERS_FILE):  # the scaling and peers sections' measurements
             source = args.results / name
             if source.exists() and source.resolve() != (out.parent / name).resolve():

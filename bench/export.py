@@ -25,10 +25,13 @@ from bench.cache import ArtifactCache, tensors_digest
 from bench.config import BUILTIN_SUITES, ConfigError, load_suite
 from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.pooling import select_latest
-from bench.store import ResultsStore
+from bench.records import Record
+from bench.store import ResultsStore, write_records
 from bench.truth_tables import to_tables
 
-SCHEMA_VERSION = 1
+#: 2: records of schema 2 (typed facts; :mod:`bench.records`); 1 is read too (its records are upgraded on read)
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 SUITE_FILE = "suite.toml"
 RECORDS_FILE = "records.jsonl"
@@ -68,11 +71,11 @@ def suite_text(source: str) -> str:
     return Path(source).read_text()
 
 
-def truth_sources(plan: Plan, records: list[dict[str, Any]]) -> list[TruthSource]:
+def truth_sources(plan: Plan, records: list[Record]) -> list[TruthSource]:
     """Every planned ground truth that some record was judged against, keyed as this checkout plans it; a record
     judged against another key for the same (task, base model, protocol) means another version made it."""
-    judged = {(r["task"], r.get("base_model") or 0, r["protocol"]): (r["truth_key"], r["truth_digest"])
-              for r in records if r.get("truth_key") and r.get("truth_digest")}
+    judged = {(r.task, r.base_model or 0, r.protocol): (r.truth_key, r.truth_digest)
+              for r in records if r.truth_key and r.truth_digest}
     found: dict[str, TruthSource] = {}
     for planned in plan.tasks:
         for base_model in range(planned.spec.base_models):
@@ -108,7 +111,7 @@ def export(results: Path, out: Path, *, suite: str | None = None, with_figures: 
     if not records:
         raise ConfigError(f"no records in {results}: run the suite first")
     kept = Path(results) / SUITE_FILE
-    source = suite or (str(kept) if kept.is_file() else records[0]["suite"])
+    source = suite or (str(kept) if kept.is_file() else records[0].suite)
     plan = plan_suite(load_suite(source), default_registries(entry_points=False))
     sources = truth_sources(plan, records)
     cache = ArtifactCache(Path(results) / "cache")
@@ -173,17 +176,16 @@ def _write_truth(out: Path, source: TruthSource, arrays: dict[str, np.ndarray], 
             "query_test_index": test_index is not None}
 
 
-def _write_models(out: Path, cache: ArtifactCache, plan: Plan, records: list[dict[str, Any]],
+def _write_models(out: Path, cache: ArtifactCache, plan: Plan, records: list[Record],
                   sources: list[TruthSource], loaded: dict[str, Any]) -> list[dict[str, Any]]:
     """θ̂ of every base model and every truth's own model: copied where small, else a fingerprint to retrain and
     check it against (its digest and test accuracy)."""
     wanted: dict[str, dict[str, Any]] = {}
     for record in records:
-        if record.get("task_key") and record.get("base_digest"):
-            wanted.setdefault(record["task_key"], {"role": "base model", "task": record["task"],
-                                                   "base_model": record.get("base_model") or 0,
-                                                   "digest": record["base_digest"],
-                                                   "test_accuracy": (record.get("task_diagnostics") or {}).get("test_accuracy")})
+        if record.task_key and record.base_digest:
+            wanted.setdefault(record.task_key, {"role": "base model", "task": record.task,
+                                                "base_model": record.base_model or 0, "digest": record.base_digest,
+                                                "test_accuracy": record.task_diagnostics.get("test_accuracy")})
     for source in sources:
         if loaded[source.key][1].get("has_model"):
             wanted[f"{source.key}-model"] = {"role": f"{source.protocol.name} truth's model", "task": source.planned.spec.name,
@@ -207,28 +209,28 @@ def _write_models(out: Path, cache: ArtifactCache, plan: Plan, records: list[dic
     return found
 
 
-def _write_report(results: Path, out: Path, records: list[dict[str, Any]], source: str, with_figures: bool) -> None:
+def _write_report(results: Path, out: Path, records: list[Record], source: str, with_figures: bool) -> None:
     """The leaderboard, the records it shows, the measurements beside them and the suite."""
     from bench.leaderboard import write_leaderboard
 
     write_leaderboard(results, out / "README.md", with_figures=with_figures)
-    (out / RECORDS_FILE).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_records(out / RECORDS_FILE, records)
     for name in MEASUREMENT_FILES:
         if (Path(results) / name).exists() and (Path(results) / name).resolve() != (out / name).resolve():
             shutil.copyfile(Path(results) / name, out / name)
     (out / SUITE_FILE).write_text(suite_text(source))
 
 
-def _manifest(plan: Plan, records: list[dict[str, Any]], source: str, truths: list[dict[str, Any]],
+def _manifest(plan: Plan, records: list[Record], source: str, truths: list[dict[str, Any]],
               models: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     from bench import environment
 
     files = {str(p.relative_to(out)): {"sha256": file_digest(p), "bytes": p.stat().st_size}
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
     first = records[0]
-    return {"schema_version": SCHEMA_VERSION, "ifbench": first.get("versions", {}).get("ifbench"),
-            "exported_by": environment.git_commit(), "run_commits": sorted({r.get("git_commit", "") for r in records}),
-            "versions": first.get("versions", {}), "device": first.get("device"), "threads": plan.suite.threads,
+    return {"schema_version": SCHEMA_VERSION, "ifbench": first.versions.get("ifbench"),
+            "exported_by": environment.git_commit(), "run_commits": sorted({r.git_commit for r in records}),
+            "versions": dict(first.versions), "device": first.device, "threads": plan.suite.threads,
             "seed": plan.suite.seed, "suite": {"name": plan.suite.name, "source": source, "file": SUITE_FILE},
             "records": RECORDS_FILE, "truths": truths, "models": models, "files": files,
             "total_bytes": sum(f["bytes"] for f in files.values())}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,14 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}{where}"
 
 
-def retry_reason(record: dict[str, Any]) -> str | None:
-    """Why a finished cell's record should be run again by the same command, or None if it stands."""
-    module = record.get("missing_module")
-    if module and record.get("status") != "ok":  # it stands until the module can be found
+def retry_reason(status: str, error: str | None, fields: Mapping[str, Any]) -> str | None:
+    """Why a finished cell's record (its status, error and failure ``fields``: :func:`cause_of`) should be run
+    again by the same command, or None if it stands."""
+    module = fields.get("missing_module")
+    if module and status != "ok":  # it stands until the module can be found
         return f"{module} imports now" if importable(module) else None
-    if record.get("status") == "failed" and record.get("cause") == ENVIRONMENT:
-        return f"it failed on a fault of the environment ({record.get('error')})"
+    if status == "failed" and fields.get("cause") == ENVIRONMENT:
+        return f"it failed on a fault of the environment ({error})"
     return None
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bench.formatting import headline_of as _headline
 from bench.metrics import metric_title
+from bench.records import Record
 from bench.store import ResultsStore
 
 QUALITY_AND_COST_FIGURE = "quality-vs-cost.png"
@@ -38,18 +38,18 @@ def per_query_view(predicted: np.ndarray, actual: np.ndarray, ranks: bool) -> tu
     return z(predicted), z(actual)
 
 
-def _caption(task: str, protocol: str, record: dict[str, Any]) -> str:
+def _caption(task: str, protocol: str, record: Record) -> str:
     headline = _headline(record)
-    pooled = f"{metric_title(headline)} {record['metrics'][headline]:.3f}"
-    rows = record.get("per_query_by_base")
-    if (record.get("base_models") or 1) > 1:
+    pooled = f"{metric_title(headline)} {record.metrics[headline]:.3f}"
+    rows = record.per_query_by_base
+    if (record.base_models or 1) > 1:
         own = f" (its {metric_title(headline)} {np.nanmean(np.array(rows[0], dtype=float)):.3f})" if rows else ""
-        return (f"{task} · {protocol}: {record['estimator']}\nmean of {record['base_models']} base models {pooled};"
+        return (f"{task} · {protocol}: {record.estimator}\nmean of {record.base_models} base models {pooled};"
                 f"\npoints: base model 1{own}")
-    return f"{task} · {protocol}: {record['estimator']}\nmean per-query {pooled}"
+    return f"{task} · {protocol}: {record.estimator}\nmean per-query {pooled}"
 
 
-def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Path) -> dict[tuple[str, str], Path]:
+def scatter_best(store: ResultsStore, records: list[Record], folder: Path) -> dict[tuple[str, str], Path]:
     """One figure per (task, protocol) of score matrices, for the best estimator by the protocol's headline."""
     import matplotlib
 
@@ -57,16 +57,16 @@ def scatter_best(store: ResultsStore, records: list[dict[str, Any]], folder: Pat
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for record in records:
-        if record.get("status") == "ok" and record.get("metrics", {}).get(_headline(record)) is not None:
-            groups[(record["task"], record["protocol"])].append(record)
+        if record.status == "ok" and record.metrics.get(_headline(record)) is not None:
+            groups[(record.task, record.protocol)].append(record)
     written = {}
     folder.mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
     for (task, protocol), group in groups.items():
-        record = max(group, key=lambda r: r["metrics"][_headline(r)])
-        arrays = store.load_artifact(record["cell_key"])
+        record = max(group, key=lambda r: r.metrics[_headline(r)])
+        arrays = store.load_artifact(record.cell_key)
         if arrays is None:
             continue
         ranks = _headline(record) in RANK_METRICS

@@ -6,8 +6,7 @@ import math
 from typing import Any
 
 from bench.metrics import metric_title
-
-DEFAULT_COLUMNS = ("spearman", "kendall", "top_k_overlap")
+from bench.records import Record
 
 
 def num(value: Any, digits: int = 3) -> str:
@@ -29,57 +28,53 @@ def count(value: Any) -> str:
     return f"{value / 1e6:.1f} M" if value >= 1e6 else f"{int(value):,}"
 
 
-def with_ci(record: dict[str, Any], name: str) -> str:
-    mean = record.get("metrics", {}).get(name)
-    low, high = (record.get("ci", {}).get(name) or [None, None])[:2]
+def with_ci(record: Record, name: str) -> str:
+    mean, interval = record.metrics.get(name), record.ci.get(name)
     if mean is None:
         return "–"
-    return f"{num(mean)} ({num(low)} – {num(high)})" if low is not None else num(mean)
+    return f"{num(mean)} ({num(interval[0])} – {num(interval[1])})" if interval is not None else num(mean)
 
 
-def headline_of(record: dict[str, Any]) -> str:
+def headline_of(record: Record) -> str:
     """The protocol's headline metric of a record."""
-    return record.get("headline", "pearson")
+    return record.headline
 
 
-def columns_of(record: dict[str, Any]) -> list[str]:
-    return list(record.get("columns", DEFAULT_COLUMNS))
+def columns_of(record: Record) -> list[str]:
+    return list(record.columns)
 
 
-def title(record: dict[str, Any], name: str) -> str:
+def title(record: Record, name: str) -> str:
     """The protocol's title for a metric, marked ↓ where lower is better."""
-    spec = record.get("metric_specs", {}).get(name, {})
-    shown = spec.get("title", metric_title(name, record.get("top_k", 10)))
-    return shown if spec.get("higher_is_better", True) else f"{shown} ↓"
+    return record.metric_title(name, metric_title(name, record.top_k))
 
 
-def value_of(record: dict[str, Any]) -> float | None:
+def value_of(record: Record) -> float | None:
     """The headline of an ok record, or None."""
-    value = record.get("metrics", {}).get(headline_of(record))
-    return value if record.get("status") == "ok" and value is not None and math.isfinite(value) else None
+    return record.headline_value
 
 
-def informative(record: dict[str, Any]) -> bool:
-    return bool(record.get("informative", True))
+def informative(record: Record) -> bool:
+    return record.informative
 
 
-def truth_kind(record: dict[str, Any]) -> str | None:
+def truth_kind(record: Record) -> str | None:
     """The kind of ground truth behind a record: ``exact`` (convex, retrained to the optimum), ``from scratch``
     (the full recipe from a fresh start), ``fine-tune response`` (θ̂ trained on without the points), or None
     (no retraining correlation: updates, mislabel detection)."""
-    gt, config = record.get("groundtruth_diagnostics") or {}, record.get("protocol_config") or {}
-    if record.get("ceiling") in (None, 0):
+    gt, config = record.groundtruth_diagnostics, record.protocol_config
+    if record.ceiling in (None, 0):
         return None
     if gt.get("exact_retraining"):
         return "exact"
-    if gt.get("from_scratch") or config.get("retrain") == "scratch" or record.get("protocol") == "loo-scratch":
+    if gt.get("from_scratch") or config.get("retrain") == "scratch" or record.protocol == "loo-scratch":
         return "from scratch"
     return "fine-tune response"
 
 
-def fine_tune_text(record: dict[str, Any]) -> str:
+def fine_tune_text(record: Record) -> str:
     """What a fine-tune response's retraining was, from the protocol's config: "1 epoch from θ̂ at 0.1× …"."""
-    config = record.get("protocol_config") or {}
+    config = record.protocol_config
     factor = config.get("warm_lr_factor", config.get("lr_factor", 0.1))
     epochs = config.get("epochs") or config.get("warm_epochs", 1.0)
     length = ("T = " + ", ".join(f"{e:g}" for e in epochs) + " epochs") if isinstance(epochs, list) else \

@@ -7,7 +7,7 @@ record carries its ground truth's ceiling and whether the cell is informative.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from bench.metrics import INFORMATIVE_CEILING
 from bench.overview import render_overview, render_quality_and_cost
 from bench.pooling import pool_base_models
 from bench.ranking import ColumnJudgement, judge_column
+from bench.records import Record, as_records
 from bench.sections import section
 from bench.store import ResultsStore
 
@@ -81,54 +82,54 @@ COSTS = [
 ]
 
 
-def _sort_key(record: dict[str, Any]) -> tuple[int, float, str]:
+def _sort_key(record: Record) -> tuple[int, float, str]:
     value = value_of(record)
-    return (0 if value is not None else 1, -(value if value is not None else 0.0), record["estimator"])
+    return (0 if value is not None else 1, -(value if value is not None else 0.0), record.estimator)
 
 
-def grouped(rows: list[dict[str, Any]]) -> dict[Key, list[dict[str, Any]]]:
+def grouped(rows: list[Record]) -> dict[Key, list[Record]]:
     """Pooled records by (task, protocol), each column sorted by headline (best first)."""
-    groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[Key, list[Record]] = defaultdict(list)
     for record in rows:
-        groups[(record["task"], record["protocol"])].append(record)
+        groups[(record.task, record.protocol)].append(record)
     return {key: sorted(group, key=_sort_key) for key, group in groups.items()}
 
 
-def _variants_paragraph(rows: list[dict[str, Any]]) -> list[str]:
+def _variants_paragraph(rows: list[Record]) -> list[str]:
     """One sentence per estimator variant: which estimator it is and the options in which their configs differ
     (taken from the records, so a variant run without its estimator lists its whole config)."""
-    variants = {r["estimator"]: r for r in rows if r.get("variant_of")}
+    variants = {r.estimator: r for r in rows if r.variant_of}
     if not variants:
         return []
-    configs = {r["estimator"]: r.get("estimator_config") or {} for r in rows}
+    configs = {r.estimator: r.estimator_config for r in rows}
     sentences = []
     for name, record in sorted(variants.items()):
-        own, base = record.get("estimator_config") or {}, configs.get(record["variant_of"], {})
+        own, base = record.estimator_config, configs.get(record.variant_of, {})
         changed = {k: v for k, v in own.items() if base.get(k, object()) != v}
         shown = ", ".join(f"{k} = {option_text(v)}" for k, v in sorted(changed.items())) or "the same options"
-        sentences.append(f"`{name}` is `{record['variant_of']}` with {shown}")
+        sentences.append(f"`{name}` is `{record.variant_of}` with {shown}")
     return ["*Variants* (a second configuration of an estimator, in rows of their own): "
             + "; ".join(sentences) + ".", ""]
 
 
-def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | None = None,
+def render_markdown(records: Sequence[Record | Mapping[str, Any]], *, figures: dict[Key, str] | None = None,
                     sections: Sequence[str] = ()) -> str:
     """The leaderboard as markdown: a header, an overview, ``sections`` (further markdown lines: the scaling
     profile, the peers' table), then one table per (task, protocol) (each cell's latest records, pooled over
-    its base models)."""
-    rows = pool_base_models(records)
+    its base models; JSON objects are read as ``records.jsonl`` holds them)."""
+    rows = pool_base_models(as_records(records))
     if not rows:
         return "\n".join(["# ifbench leaderboard", "", "No results yet: run `ifbench run` first.", "", *sections]).rstrip() + "\n"
     groups = grouped(rows)
     judged: dict[Key, ColumnJudgement] = {key: judge_column(group) for key, group in groups.items()}
     first = rows[0]
-    commits = sorted({r.get("git_commit", "unknown") for r in rows})
-    versions = first.get("versions", {})
+    commits = sorted({r.git_commit for r in rows})
+    versions = first.versions
     lines = [
         "# ifbench leaderboard",
         "",
-        f"Suite `{first.get('suite', '?')}` · seed {first.get('seed', '?')} · {first.get('threads', '?')} threads · "
-        f"{first.get('device', '?')} · commit {', '.join(commits)} · "
+        f"Suite `{first.suite}` · seed {_shown(first.seed)} · {_shown(first.threads)} threads · "
+        f"{first.device} · commit {', '.join(commits)} · "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if k in ("python", "torch", "numpy", "scipy")),
         "",
         *_smoke_paragraph(rows),
@@ -146,9 +147,13 @@ def render_markdown(records: list[dict[str, Any]], *, figures: dict[Key, str] | 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _smoke_paragraph(rows: list[dict[str, Any]]) -> list[str]:
+def _shown(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def _smoke_paragraph(rows: list[Record]) -> list[str]:
     """A warning above everything when some cells ran at a task's ``smoke`` preset."""
-    smoke = sorted({r["task"] for r in rows if r.get("preset") == "smoke"})
+    smoke = sorted({r.task for r in rows if r.preset == "smoke"})
     if not smoke:
         return []
     return [f"**Smoke sizes, not a ranking.** {', '.join(smoke)} ran at the `smoke` preset, sized to check that every "
@@ -157,9 +162,9 @@ def _smoke_paragraph(rows: list[dict[str, Any]]) -> list[str]:
             "that the suite works, not as evidence about the estimators. The `default` suite is sized to rank.", ""]
 
 
-def _base_models_paragraph(rows: list[dict[str, Any]]) -> list[str]:
+def _base_models_paragraph(rows: list[Record]) -> list[str]:
     """How cells repeated over several base models are pooled (only when some are)."""
-    counts = sorted({r["base_models"] for r in rows if (r.get("base_models") or 1) > 1})
+    counts = sorted({r.base_models for r in rows if (r.base_models or 1) > 1})
     if not counts:
         return []
     return [

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 from bench.formatting import headline_of, num, seconds, title, truth_kind, value_of
 from bench.ranking import ColumnJudgement
+from bench.records import Profile, Record
 
 Key = tuple[str, str]
 #: Aggregates, in the order rows are sorted by: the deep headline first, then the other deep kind, then convex.
@@ -15,7 +15,7 @@ KIND_TITLES = {"from scratch": "from scratch (deep)", "fine-tune response": "fin
                "exact": "exact (convex)"}
 
 
-def aggregate_columns(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key, ColumnJudgement]) -> dict[str, list[Key]]:
+def aggregate_columns(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJudgement]) -> dict[str, list[Key]]:
     """``{kind: columns}``: ranked columns (informative, separating) whose headline has a ceiling, by kind."""
     found: dict[str, list[Key]] = {kind: [] for kind in KINDS}
     for key, group in groups.items():
@@ -25,17 +25,17 @@ def aggregate_columns(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key,
     return found
 
 
-def aggregates(groups: dict[Key, list[dict[str, Any]]], columns: list[Key]) -> dict[str, float]:
+def aggregates(groups: dict[Key, list[Record]], columns: list[Key]) -> dict[str, float]:
     """Mean headline / ceiling over ``columns`` for each estimator with a value in every one of them."""
     fractions: dict[str, list[float]] = defaultdict(list)
     for key in columns:
         for record in groups[key]:
             if value_of(record) is not None:
-                fractions[record["estimator"]].append(value_of(record) / record["ceiling"])
+                fractions[record.estimator].append(value_of(record) / record.ceiling)
     return {name: sum(v) / len(v) for name, v in fractions.items() if columns and len(v) == len(columns)}
 
 
-def render_overview(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key, ColumnJudgement]) -> list[str]:
+def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJudgement]) -> list[str]:
     """Estimators × (task, protocol): each cell's headline and band; one score / ceiling per kind of ground truth."""
     keys = list(groups)
     by_kind = aggregate_columns(groups, judged)
@@ -44,11 +44,11 @@ def render_overview(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key, C
     cells: dict[tuple[str, Key], str] = {}
     for key, group in groups.items():
         for record in group:
-            value, band = value_of(record), judged[key].band_of(record["estimator"])
+            value, band = value_of(record), judged[key].band_of(record.estimator)
             if value is not None:
-                cells[record["estimator"], key] = f"{num(value)} ({band})" if band else num(value)
+                cells[record.estimator, key] = f"{num(value)} ({band})" if band else num(value)
             else:
-                cells[record["estimator"], key] = "n/a" if record.get("status") == "not-applicable" else "failed"
+                cells[record.estimator, key] = "n/a" if record.status == "not-applicable" else "failed"
 
     def header(key: Key) -> str:
         head, state = groups[key][0], judged[key]
@@ -68,7 +68,7 @@ def render_overview(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key, C
              "| estimator | " + " | ".join(f"score / ceiling: {KIND_TITLES[k]}" for k in kinds) + " | "
              + " | ".join(header(k) for k in keys) + " |",
              "|---|" + "---:|" * (len(kinds) + len(keys))]
-    estimators = sorted({r["estimator"] for group in groups.values() for r in group})
+    estimators = sorted({r.estimator for group in groups.values() for r in group})
 
     def order(name: str) -> tuple:
         return (*tuple(x for kind in kinds for x in ((0, -scores[kind][name]) if name in scores[kind] else (1, 0.0))), name)
@@ -79,7 +79,7 @@ def render_overview(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key, C
     return [*lines, ""]
 
 
-def quality_and_cost(groups: dict[Key, list[dict[str, Any]]],
+def quality_and_cost(groups: dict[Key, list[Record]],
                      judged: dict[Key, ColumnJudgement]) -> list[tuple[str, str, float, float, float, float, str]]:
     """``(task, estimator, quality, low, high, seconds, kind)``: per task, the mean headline / ceiling over its ranked
     columns of one kind (from scratch where the task has any, else exact, else fine-tune response), with the
@@ -94,16 +94,16 @@ def quality_and_cost(groups: dict[Key, list[dict[str, Any]]],
             continue
         columns = [key for key in by_kind[kind] if key[0] == task]
         task_records = [r for key, group in groups.items() if key[0] == task for r in group]
-        for name in sorted({r["estimator"] for r in task_records}):
-            own = [r for key in columns for r in groups[key] if r["estimator"] == name and value_of(r) is not None]
-            profiles = [r.get("profile") or {} for r in task_records if r["estimator"] == name and r.get("status") == "ok"]
+        for name in sorted({r.estimator for r in task_records}):
+            own = [r for key in columns for r in groups[key] if r.estimator == name and value_of(r) is not None]
+            profiles = [r.profile or Profile() for r in task_records if r.estimator == name and r.status == "ok"]
             if len(own) != len(columns) or not profiles:
                 continue
-            cost = max(p.get("fit_s") or 0.0 for p in profiles) + sum(p.get("score_s") or 0.0 for p in profiles)
-            bounds = [(r.get("ci") or {}).get(headline_of(r)) or [value_of(r)] * 2 for r in own]
-            points.append((task, name, sum(value_of(r) / r["ceiling"] for r in own) / len(own),
-                           sum(b[0] / r["ceiling"] for b, r in zip(bounds, own, strict=True)) / len(own),
-                           sum(b[1] / r["ceiling"] for b, r in zip(bounds, own, strict=True)) / len(own), cost, kind))
+            cost = max(p.fit_s or 0.0 for p in profiles) + sum(p.score_s or 0.0 for p in profiles)
+            bounds = [r.ci.get(headline_of(r)) or [value_of(r)] * 2 for r in own]
+            points.append((task, name, sum(value_of(r) / r.ceiling for r in own) / len(own),
+                           sum(b[0] / r.ceiling for b, r in zip(bounds, own, strict=True)) / len(own),
+                           sum(b[1] / r.ceiling for b, r in zip(bounds, own, strict=True)) / len(own), cost, kind))
     return points
 
 
@@ -113,7 +113,7 @@ def pareto_front(points: list[tuple]) -> set[tuple[str, str]]:
             if not any(q[0] == p[0] and q[2] > p[2] and q[5] < p[5] for q in points)}
 
 
-def render_quality_and_cost(groups: dict[Key, list[dict[str, Any]]], judged: dict[Key, ColumnJudgement],
+def render_quality_and_cost(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJudgement],
                             figure: str | None) -> list[str]:
     points = quality_and_cost(groups, judged)
     if not points:

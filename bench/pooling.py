@@ -20,67 +20,64 @@ A cell with one record passes through unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bench.metrics import INFORMATIVE_CEILING
 from bench.ranking import Z95, random_effects_interval
+from bench.records import Fact, Profile, Record, as_records
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
-
-def select_latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last record of each (task, protocol, estimator, base model), in first-seen order."""
-    latest: dict[tuple[str, str, str, int], dict[str, Any]] = {}
-    for record in records:
-        latest[(record["task"], record["protocol"], record["estimator"], record.get("base_model") or 0)] = record
+def select_latest(records: Iterable[Record | Mapping[str, Any]]) -> list[Record]:
+    """The last record of each (task, protocol, estimator, base model), in first-seen order (JSON objects read
+    as ``records.jsonl`` holds them)."""
+    latest: dict[tuple[str, str, str, int], Record] = {}
+    for record in as_records(list(records)):
+        latest[(*record.cell, record.base_model or 0)] = record
     return list(latest.values())
 
 
-def pool_base_models(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def pool_base_models(records: Iterable[Record | Mapping[str, Any]]) -> list[Record]:
     """The latest records with each cell's base models pooled into one record (see the module docstring)."""
-    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    cells: dict[tuple[str, str, str], list[Record]] = {}
     for record in select_latest(records):
-        cells.setdefault((record["task"], record["protocol"], record["estimator"]), []).append(record)
-    return [group[0] if len(group) == 1 else pooled(sorted(group, key=lambda r: r.get("base_model") or 0))
+        cells.setdefault(record.cell, []).append(record)
+    return [group[0] if len(group) == 1 else pooled(sorted(group, key=lambda r: r.base_model or 0))
             for group in cells.values()]
 
 
-def pooled(group: list[dict[str, Any]]) -> dict[str, Any]:
+def pooled(group: list[Record]) -> Record:
     """One record from the records of one cell on several base models."""
     first = group[0]
-    record = {**first, "base_model": None, "base_models": len(group),
-              "facts": pooled_facts([r.get("facts", []) for r in group])}
-    bad = next((r for r in group if r.get("status") == "failed"), None) or next(
-        (r for r in group if r.get("status") != "ok"), None)
+    record = dataclasses.replace(first, base_model=None, base_models=len(group),
+                                 facts=pooled_facts([r.facts for r in group]))
+    bad = next((r for r in group if r.status == "failed"), None) or next((r for r in group if r.status != "ok"), None)
     if bad is not None:
-        where = f"base model {(bad.get('base_model') or 0) + 1} of {len(group)}"
-        return {**record, **{k: bad.get(k) for k in ("status", "reason") if k in bad},
-                "error": f"{bad.get('error')} ({where})", "metrics": {}, "ci": {}}
-    metrics = [r.get("metrics", {}) for r in group]
-    record["metrics"] = {k: _mean([m.get(k) for m in metrics]) for k in metrics[0]}
-    record["spread"] = {k: _range([m.get(k) for m in metrics]) for k in metrics[0]}
-    record["ci"] = {k: interval([m.get(k) for m in metrics], [r.get("ci", {}).get(k) for r in group])
-                    for k in first.get("ci", {})}
-    headline = first.get("headline", "pearson")
-    if all(headline in (r.get("per_query") or {}) for r in group):
-        record["per_query_by_base"] = [r["per_query"][headline] for r in group]
-    record.pop("per_query", None)
-    record["ceiling"] = _mean([r.get("ceiling") for r in group])
-    shared = len({r.get("truth_key") for r in group}) == 1 and first.get("truth_key") is not None
-    record["groundtruth_diagnostics"] = pooled_truth([r.get("groundtruth_diagnostics") or {} for r in group],
-                                                     first.get("headline", "pearson"), shared=shared)
-    record["shared_truth"] = shared
-    record["informative"] = bool(record["groundtruth_diagnostics"].get("informative", True))
-    record["task_diagnostics"] = _means([r.get("task_diagnostics") or {} for r in group])
-    record["task_diagnostics"].update({f"{k}_range": _range([(r.get("task_diagnostics") or {}).get(k) for r in group])
-                                       for k in ("test_accuracy",) if k in record["task_diagnostics"]})
-    record["estimator_diagnostics"] = _means([r.get("estimator_diagnostics") or {} for r in group])
-    record["profile"] = _means([r.get("profile") or {} for r in group], largest=lambda k: k.endswith("_mb"))
-    record.pop("details", None)
-    return record
+        where = f"base model {(bad.base_model or 0) + 1} of {len(group)}"
+        return dataclasses.replace(record, status=bad.status, reason=bad.reason if bad.reason is not None
+                                   else record.reason, error=f"{bad.error} ({where})", metrics={}, ci={})
+    metrics = [r.metrics for r in group]
+    headline = first.headline
+    by_base = [r.per_query[headline] for r in group] if all(headline in (r.per_query or {}) for r in group) else None
+    shared = len({r.truth_key for r in group}) == 1 and first.truth_key is not None
+    truth = pooled_truth([dict(r.groundtruth_diagnostics) for r in group], headline, shared=shared)
+    task = _means([dict(r.task_diagnostics) for r in group])
+    task.update({f"{k}_range": _range([r.task_diagnostics.get(k) for r in group])
+                 for k in ("test_accuracy",) if k in task})
+    profiles = [dataclasses.asdict(r.profile) for r in group if r.profile is not None]
+    return dataclasses.replace(
+        record,
+        metrics={k: _mean([m.get(k) for m in metrics]) for k in metrics[0]},
+        spread={k: _interval_of(_range([m.get(k) for m in metrics])) for k in metrics[0]},
+        ci={k: _interval_of(interval([m.get(k) for m in metrics], [r.ci.get(k) for r in group])) for k in first.ci},
+        per_query_by_base=by_base, per_query=None, ceiling=_mean([r.ceiling for r in group]),
+        groundtruth_diagnostics=truth, shared_truth=shared, informative=bool(truth.get("informative", True)),
+        task_diagnostics=task,
+        estimator_diagnostics=_means([dict(r.estimator_diagnostics or {}) for r in group]),
+        profile=Profile(**_means(profiles, largest=lambda k: k.endswith("_mb"))) if profiles else None,
+        extra={k: v for k, v in first.extra.items() if k != "details"})
 
 
 def interval(values: list[Any], intervals: list[Any]) -> list[float] | None:
@@ -109,35 +106,45 @@ def pooled_truth(diagnostics: list[dict[str, Any]], headline: str, *, shared: bo
     return pooled
 
 
-def pooled_facts(facts: list[list[str]]) -> list[str]:
-    """Position by position: a fact every base model states alike is kept; where only numbers differ they are
-    shown as their range ("r = 0.41–0.47"); otherwise the first base model's fact is marked as its own."""
+def pooled_facts(facts: list[tuple[Fact, ...]]) -> tuple[Fact, ...]:
+    """Position by position: a fact every base model states alike is kept; where only its values differ they
+    are shown as their range ("r = 0.41–0.47"); otherwise the first base model's fact is marked as its own."""
     if any(len(f) != len(facts[0]) for f in facts):
-        return [f"{fact} (base model 1)" for fact in facts[0]]
+        return tuple(_own(fact) for fact in facts[0])
     merged = []
     for versions in zip(*facts, strict=True):
         if len(set(versions)) == 1:
             merged.append(versions[0])
-            continue
-        skeletons = {_NUMBER.sub("#", v) for v in versions}
-        if len(skeletons) != 1:
-            merged.append(f"{versions[0]} (base model 1)")
-            continue
-        numbers = [_NUMBER.findall(v) for v in versions]
-        parts = _NUMBER.split(versions[0])
-        out = [parts[0]]
-        for i, part in enumerate(parts[1:]):
-            column = [n[i] for n in numbers]
-            out.append(column[0] if len(set(column)) == 1 else "–".join(_extremes(column)))
-            out.append(part)
-        merged.append("".join(out))
-    return merged
+        elif len({(v.template, len(v.values)) for v in versions}) != 1 or not _shown_number(*versions):
+            merged.append(_own(versions[0]))
+        else:
+            columns = zip(*(v.values for v in versions), strict=True)
+            merged.append(Fact(versions[0].template, tuple(
+                column[0] if len(set(column)) == 1 else "–".join(_extremes(list(column))) for column in columns)))
+    return tuple(merged)
+
+
+def _own(fact: Fact) -> Fact:
+    return Fact(fact.template + " (base model 1)", fact.values)
 
 
 def _extremes(numbers: list[str]) -> tuple[str, str]:
     """The smallest and largest of numbers as shown (``"1,234"``), in their shown form."""
     ordered = sorted(numbers, key=lambda n: float(n.replace(",", "")))
     return ordered[0], ordered[-1]
+
+
+def _shown_number(*facts: Fact) -> bool:
+    """Whether every value of ``facts`` is a number as shown (so that differing ones have a range)."""
+    try:
+        [float(v.replace(",", "")) for f in facts for v in f.values]
+    except ValueError:
+        return False
+    return True
+
+
+def _interval_of(pair: list[float] | None) -> tuple[float, float] | None:
+    return None if pair is None else (pair[0], pair[1])
 
 
 def _finite(value: Any) -> bool:

@@ -76,9 +76,9 @@ def open_published(source: str | Path) -> Published:
     except (OSError, json.JSONDecodeError) as err:
         raise PublishedError(f"{manifest_path}: unreadable ({err})") from err
     version = manifest.get("schema_version")
-    if version != export.SCHEMA_VERSION:
+    if version not in export.READABLE_VERSIONS:
         raise PublishedError(f"{manifest_path} was written with export schema version {version}; this ifbench reads "
-                             f"version {export.SCHEMA_VERSION}: use the ifbench version that wrote it "
+                             f"versions {', '.join(map(str, export.READABLE_VERSIONS))}: use the ifbench version that wrote it "
                              f"({manifest.get('exported_by', 'unknown')})")
     for name, expected in manifest.get("files", {}).items():
         path = root / name

@@ -36,10 +36,11 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import scipy.stats
+
+from bench.records import Record
 
 Z95 = 1.959963984540054
 #: Built-in baselines: the floor (``random``) and the self-influence bar for mislabel detection (``loss``).
@@ -64,11 +65,11 @@ def random_effects_interval(values: Sequence[float], errors: Sequence[float]) ->
     return mean - half, mean + half
 
 
-def per_query_matrix(record: dict[str, Any]) -> np.ndarray | None:
+def per_query_matrix(record: Record) -> np.ndarray | None:
     """``[B, Q]`` headline values per base model and query (NaN where undefined), or None where not recorded."""
-    rows = record.get("per_query_by_base")
+    rows = record.per_query_by_base
     if rows is None:
-        own = (record.get("per_query") or {}).get(record.get("headline", "pearson"))
+        own = (record.per_query or {}).get(record.headline)
         rows = [own] if own is not None else None
     if not rows or any(row is None for row in rows):
         return None
@@ -91,16 +92,14 @@ def behind_leader(leader: np.ndarray, other: np.ndarray, *, seed: int) -> bool:
     return bool(len(means) and np.percentile(means, 2.5) > 0)
 
 
-def _value(record: dict[str, Any]) -> float | None:
-    value = record.get("metrics", {}).get(record.get("headline", "pearson"))
-    return value if record.get("status") == "ok" and isinstance(value, (int, float)) and math.isfinite(value) else None
+def _value(record: Record) -> float | None:
+    return record.headline_value
 
 
-def _overlaps(leader: dict[str, Any], other: dict[str, Any]) -> bool:
+def _overlaps(leader: Record, other: Record) -> bool:
     """Interval overlap (the rule where no per-query values are kept); equality as shown without intervals."""
-    name = leader.get("headline", "pearson")
-    a, b = (leader.get("ci") or {}).get(name), (other.get("ci") or {}).get(name)
-    if not a or not b or None in (*a[:2], *b[:2]):
+    a, b = leader.ci.get(leader.headline), other.ci.get(leader.headline)
+    if a is None or b is None:
         return round(_value(leader), 3) == round(_value(other), 3)
     return b[1] >= a[0]
 
@@ -109,54 +108,53 @@ def _seed(*names: str) -> int:
     return zlib.crc32("/".join(names).encode())
 
 
-def _behind(leader: dict[str, Any], record: dict[str, Any]) -> bool:
+def _behind(leader: Record, record: Record) -> bool:
     """Whether ``record`` is significantly behind ``leader`` (paired bootstrap, or intervals without overlap)."""
     a, b = per_query_matrix(leader), per_query_matrix(record)
     if a is not None and b is not None and a.shape == b.shape:
-        return behind_leader(a, b, seed=_seed(leader["task"], leader["protocol"], leader["estimator"],
-                                              record["estimator"]))
+        return behind_leader(a, b, seed=_seed(leader.task, leader.protocol, leader.estimator, record.estimator))
     return not _overlaps(leader, record)
 
 
-def rank_bands(records: list[dict[str, Any]], skip: Sequence[str] = ()) -> dict[str, int]:
+def rank_bands(records: list[Record], skip: Sequence[str] = ()) -> dict[str, int]:
     """Band of each ok record's estimator, ``skip`` left out (estimators shown as agreeing with another). Down
     the column from the best: an estimator not significantly behind the current band's leader joins its band;
     the first that is leads the next band. Bands therefore never rise down the column (a paired comparison is
     not transitive: testing each against the column's leader alone could put a lower value in a better band)."""
-    ranked = sorted((r for r in records if _value(r) is not None and r["estimator"] not in skip),
-                    key=lambda r: (-_value(r), r["estimator"]))
+    ranked = sorted((r for r in records if _value(r) is not None and r.estimator not in skip),
+                    key=lambda r: (-_value(r), r.estimator))
     bands: dict[str, int] = {}
     band, leader = 0, None
     for record in ranked:
         if leader is None or _behind(leader, record):
             band, leader = band + 1, record
-        bands[record["estimator"]] = band
+        bands[record.estimator] = band
     return bands
 
 
-def agreeing(records: list[dict[str, Any]]) -> dict[str, str]:
+def agreeing(records: list[Record]) -> dict[str, str]:
     """``{estimator: the estimator it agrees with}`` (see :data:`AGREEMENT`): each agreeing cluster is shown under
     its member with the highest headline."""
-    ok = sorted((r for r in records if _value(r) is not None), key=lambda r: (-_value(r), r["estimator"]))
-    matrices = {r["estimator"]: per_query_matrix(r) for r in ok}
+    ok = sorted((r for r in records if _value(r) is not None), key=lambda r: (-_value(r), r.estimator))
+    matrices = {r.estimator: per_query_matrix(r) for r in ok}
     found: dict[str, str] = {}
     for i, first in enumerate(ok):
-        a = matrices[first["estimator"]]
-        if first["estimator"] in found or a is None:
+        a = matrices[first.estimator]
+        if first.estimator in found or a is None:
             continue
         for other in ok[i + 1 :]:
-            b = matrices[other["estimator"]]
-            if other["estimator"] in found or b is None or b.shape != a.shape:
+            b = matrices[other.estimator]
+            if other.estimator in found or b is None or b.shape != a.shape:
                 continue
             both = np.isfinite(a) & np.isfinite(b)
             if both.any() and (np.isfinite(a) == np.isfinite(b)).all() and np.abs(a - b)[both].max() <= AGREEMENT:
-                found[other["estimator"]] = first["estimator"]
+                found[other.estimator] = first.estimator
     return found
 
 
-def separation(records: list[dict[str, Any]], bands: dict[str, int]) -> str | None:
+def separation(records: list[Record], bands: dict[str, int]) -> str | None:
     """Why a column does not separate estimators (None if it does)."""
-    values = {r["estimator"]: _value(r) for r in records if _value(r) is not None}
+    values = {r.estimator: _value(r) for r in records if _value(r) is not None}
     methods = {name: v for name, v in values.items() if name not in BASELINES}
     if not methods:
         return None
@@ -187,9 +185,9 @@ class ColumnJudgement:
         return self.bands.get(self.agrees_with.get(estimator, estimator)) if self.ranked else None
 
 
-def judge_column(records: list[dict[str, Any]]) -> ColumnJudgement:
+def judge_column(records: list[Record]) -> ColumnJudgement:
     """Rank bands, agreement and separation of one column's pooled records."""
-    informative = bool(records[0].get("informative", True)) if records else True
+    informative = bool(records[0].informative) if records else True
     agrees = agreeing(records)
     bands = rank_bands(records, skip=tuple(agrees))
     return ColumnJudgement(informative, bands if informative else {}, agrees, separation(records, bands))

@@ -45,6 +45,7 @@ from bench.heartbeat import heartbeat, refreshing
 from bench.isolation import exit_code, run_all
 from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
+from bench.records import Record
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
 from tasks.base import Task, TaskData, TrainedModel
@@ -88,14 +89,13 @@ class Judged:
                 "truth_digest": truth_digest}
 
 
-def folder_digests(records: list[dict[str, Any]]) -> dict[str, set[str]]:
+def folder_digests(records: list[Record]) -> dict[str, set[str]]:
     """Every digest the folder's records name, by the cache key of what it digests (a θ̂'s task key, a ground
     truth's key), whatever estimator, plan or cell key the records belong to (records from before digests
     name none)."""
     found: dict[str, set[str]] = {}
     for record in records:
-        for key, digest in ((record.get("task_key"), record.get("base_digest")),
-                            (record.get("truth_key"), record.get("truth_digest"))):
+        for key, digest in ((record.task_key, record.base_digest), (record.truth_key, record.truth_digest)):
             if key and digest:
                 found.setdefault(key, set()).add(digest)
     return found
@@ -135,7 +135,7 @@ class Runner:
                 self._run_task(planned, done, summary)
         return summary
 
-    def _finished(self) -> dict[str, dict[str, Any]]:
+    def _finished(self) -> dict[str, Record]:
         """The folder's finished cells by key: ok, not applicable and (unless ``retry_failed``) failed ones,
         less those to run again now (:attr:`retry`); also the digests its records name."""
         latest = self.store.latest()
@@ -144,13 +144,13 @@ class Runner:
         done = {}
         importlib.invalidate_caches()  # a package installed since the last run is found
         for key, record in latest.items():
-            if record.get("status") not in finished:
+            if record.status not in finished:
                 continue
-            why = retry_reason(record)
+            why = retry_reason(record.status, record.error, record.extra)
             if why is None:
                 done[key] = record
             else:
-                self.retry[key] = f"{record.get('task')}/{record.get('protocol')}/{record.get('estimator')}: {why}"
+                self.retry[key] = f"{'/'.join(record.cell)}: {why}"
         return done
 
     # -- task level ----------------------------------------------------------
@@ -177,7 +177,7 @@ class Runner:
         pending = [(p, e) for p, e in cells if cell_keys[p.name, e.name] not in done]
         judged = [done[key] for key in cell_keys.values() if key in done]
         summary.skipped += len(judged)
-        summary.failed_before += sum(record.get("status") == "failed" for record in judged)
+        summary.failed_before += sum(record.status == "failed" for record in judged)
         summary.retried += [self.retry[key] for key in cell_keys.values() if key in self.retry]
         label = name if planned.spec.base_models == 1 else f"{name} base model {base_model + 1}/{planned.spec.base_models}"
         if not pending:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from bench.formatting import (
     columns_of,
     count,
@@ -17,33 +15,34 @@ from bench.formatting import (
 )
 from bench.metrics import INFORMATIVE_CEILING
 from bench.ranking import AGREEMENT, ColumnJudgement
+from bench.records import Profile, Record
 
 BAND_RULE = ("*rank* is a rank band: down the table, an estimator not significantly behind its band's leader (a "
              "paired bootstrap of their difference on the same base models and queries, 95%) joins the band; the "
              "first that is behind leads the next band.")
 
 
-def not_applicable(record: dict[str, Any]) -> bool:
+def not_applicable(record: Record) -> bool:
     """Not applicable because the estimator lacks what the protocol needs (listed once, below the table)."""
-    return record.get("status") == "not-applicable" and record.get("reason", "capability") == "capability"
+    return record.status == "not-applicable" and (record.reason or "capability") == "capability"
 
 
-def facts(head: dict[str, Any]) -> list[str]:
+def facts(head: Record) -> list[str]:
     """The task's facts, then those the protocol gave its ground truth, then its cost."""
-    diagnostics, gt = head.get("task_diagnostics", {}), head.get("groundtruth_diagnostics", {})
-    found = [f"preset `{head.get('preset', '?')}`"]
-    several = (head.get("base_models") or 1) > 1
+    diagnostics, gt = head.task_diagnostics, head.groundtruth_diagnostics
+    found = [f"preset `{head.preset}`"]
+    several = (head.base_models or 1) > 1
     if several:
-        found.append(f"{head['base_models']} base models (θ̂ trained from independent seeds; values are their mean, "
+        found.append(f"{head.base_models} base models (θ̂ trained from independent seeds; values are their mean, "
                      "ranges their lowest and highest)")
     if "test_accuracy" in diagnostics:
         low, high = diagnostics.get("test_accuracy_range") or (None, None)
         spread = f" ({100 * low:.1f}–{100 * high:.1f}%)" if several and low is not None else ""
         found.append(f"test accuracy {100 * diagnostics['test_accuracy']:.1f}%{spread}")
-    found += head.get("facts", [])
+    found += [fact.text for fact in head.facts]
     if gt.get("seconds") is not None:
         workers = int(gt.get("retrain_workers") or 1)
-        whole = " once, for every base model" if head.get("shared_truth") else (" in all" if several else "")
+        whole = " once, for every base model" if head.shared_truth else (" in all" if several else "")
         rate = (f", {gt['subset_models'] / gt['seconds']:.2f} models trained per second"
                 if gt.get("subset_models") and gt["seconds"] > 0 else "")
         found.append(f"ground truth took {seconds(gt['seconds'])} s{whole}{rate}"
@@ -51,10 +50,10 @@ def facts(head: dict[str, Any]) -> list[str]:
     return found
 
 
-def kind_paragraph(head: dict[str, Any]) -> list[str]:
+def kind_paragraph(head: Record) -> list[str]:
     """What kind of ground truth the column is, in a sentence (none for updates and detection)."""
     kind = truth_kind(head)
-    if kind == "from scratch" and (head.get("groundtruth_diagnostics") or {}).get("from_scratch"):
+    if kind == "from scratch" and head.groundtruth_diagnostics.get("from_scratch"):
         return ["", "**From scratch:** every subset model is trained with the task's full recipe from a fresh "
                 "initialisation under seeds that are no base model's, as TRAK's and dattri's LDS are; no retrain starts "
                 "from θ̂, and one ground truth serves every base model."]
@@ -68,15 +67,15 @@ def kind_paragraph(head: dict[str, Any]) -> list[str]:
     return []
 
 
-def header(head: dict[str, Any], judged: ColumnJudgement) -> list[str]:
-    task, protocol, headline = head["task"], head["protocol"], headline_of(head)
+def header(head: Record, judged: ColumnJudgement) -> list[str]:
+    task, protocol, headline = head.task, head.protocol, headline_of(head)
     kind = truth_kind(head)
     flags = [f for f, on in (("uninformative", not judged.informative),
                              ("does not separate", judged.informative and judged.not_separating)) if on]
     lines = [f"## {task} · {protocol}" + (f" · {kind}" if kind else "") + (f" ({', '.join(flags)})" if flags else ""),
              "", "; ".join(facts(head)) + ".", *kind_paragraph(head)]
     if not judged.informative:
-        low = (head.get("groundtruth_diagnostics", {}).get(f"ceiling_{headline}_ci") or [None])[0]
+        low = (head.groundtruth_diagnostics.get(f"ceiling_{headline}_ci") or [None])[0]
         lines += ["", f"**Uninformative:** the noise ceiling's lower bound ({num(low)}) is below {INFORMATIVE_CEILING}; "
                   "the estimators are listed by their value but not ranked."]
     elif judged.not_separating:
@@ -87,13 +86,13 @@ def header(head: dict[str, Any], judged: ColumnJudgement) -> list[str]:
     return lines
 
 
-def table_head(head: dict[str, Any], group: list[dict[str, Any]], spread: bool) -> list[str]:
+def table_head(head: Record, group: list[Record], spread: bool) -> list[str]:
     headline, columns = headline_of(head), columns_of(head)
-    ci_note = " (95% CI)" if any(r.get("ci", {}).get(headline) for r in group) else ""
+    ci_note = " (95% CI)" if any(r.ci.get(headline) for r in group) else ""
     lines = [f"| rank | estimator | {title(head, headline)}{ci_note} | " + ("base models' range | " if spread else "")
              + " | ".join(title(head, c) for c in columns) + " | params | fit s | score s | own MB | process MB |",
              "|---:|---|---|" + ("---|" if spread else "") + "---:|" * len(columns) + "---:|---:|---:|---:|---:|"]
-    gt = head.get("groundtruth_diagnostics", {})
+    gt = head.groundtruth_diagnostics
     if gt.get(f"ceiling_{headline}") is not None:
         low, high = gt.get(f"ceiling_{headline}_ci") or [None, None]
         lines.append(f"| – | *noise ceiling* | {num(gt[f'ceiling_{headline}'])} ({num(low)} – {num(high)}) | "
@@ -101,45 +100,45 @@ def table_head(head: dict[str, Any], group: list[dict[str, Any]], spread: bool) 
     return lines
 
 
-def row(record: dict[str, Any], judged: ColumnJudgement, spread: bool, hide_top_k: bool) -> str:
+def row(record: Record, judged: ColumnJudgement, spread: bool, hide_top_k: bool) -> str:
     headline, columns = headline_of(record), columns_of(record)
-    profile = record.get("profile") or {}
-    metrics = dict(record.get("metrics", {}))
+    profile = record.profile or Profile()
+    metrics = dict(record.metrics)
     if hide_top_k:
         metrics["top_k_overlap"] = None
-    own = profile.get("peak_cuda_mb") or profile.get("own_mem_mb")
-    name = record["estimator"]
+    own = profile.peak_cuda_mb or profile.own_mem_mb
+    name = record.estimator
     band = judged.band_of(name)
     rank = ("–" if band is None else str(band)) + (f" ≡ `{judged.agrees_with[name]}`" if name in judged.agrees_with else "")
     return (f"| {rank} | `{name}` | {with_ci(record, headline)} | " + (f"{spread_of(record, headline)} | " if spread else "")
             + " | ".join(num(metrics.get(c)) for c in columns)
-            + f" | {count((record.get('estimator_diagnostics') or {}).get('n_parameters'))}"
-            + f" | {seconds(profile.get('fit_s'))} | {seconds(profile.get('score_s'))} | {num(own, 0)} "
-            f"| {num(profile.get('peak_mem_mb'), 0)} |")
+            + f" | {count((record.estimator_diagnostics or {}).get('n_parameters'))}"
+            + f" | {seconds(profile.fit_s)} | {seconds(profile.score_s)} | {num(own, 0)} "
+            f"| {num(profile.peak_mem_mb, 0)} |")
 
 
-def section(group: list[dict[str, Any]], judged: ColumnJudgement, figure: str | None) -> list[str]:
+def section(group: list[Record], judged: ColumnJudgement, figure: str | None) -> list[str]:
     """The column's section: header, table (ok rows, then failures), not-applicable list, agreement, figure."""
     head = group[0]
     columns = columns_of(head)
-    hide_top_k = (head.get("n_columns") or head.get("top_k", 10) + 1) <= head.get("top_k", 10)
-    spread = any((r.get("base_models") or 1) > 1 for r in group)
+    hide_top_k = (head.n_columns or head.top_k + 1) <= head.top_k
+    spread = any((r.base_models or 1) > 1 for r in group)
     lines = [*header(head, judged), "", *table_head(head, group, spread)]
     for record in group:
-        if record.get("status") == "ok":
+        if record.status == "ok":
             lines.append(row(record, judged, spread, hide_top_k))
         elif not not_applicable(record):
-            error = str(record.get("error") or "").replace("|", "\\|").splitlines()[0][:160]
-            lines.append(f"| – | `{record['estimator']}` | {record.get('status')}: {error} |"
+            error = str(record.error or "").replace("|", "\\|").splitlines()[0][:160]
+            lines.append(f"| – | `{record.estimator}` | {record.status}: {error} |"
                          + " |" * (len(columns) + 5 + spread))
     lines.append("")
-    skipped = [r["estimator"] for r in group if not_applicable(r)]
+    skipped = [r.estimator for r in group if not_applicable(r)]
     if skipped:
-        needs = str(next(r for r in group if r["estimator"] == skipped[0])["error"]).split(";")[0]
+        needs = str(next(r for r in group if r.estimator == skipped[0]).error).split(";")[0]
         lines += [f"Not applicable ({needs}): " + ", ".join(f"`{name}`" for name in skipped) + ".", ""]
     lines += agreement_lines(judged)
     if figure:
-        lines += [f"![{head['task']} {head['protocol']}: predicted vs actual]({figure})", ""]
+        lines += [f"![{head.task} {head.protocol}: predicted vs actual]({figure})", ""]
     return lines
 
 
@@ -154,7 +153,7 @@ def agreement_lines(judged: ColumnJudgement) -> list[str]:
         [""] if by_reference else [])
 
 
-def spread_of(record: dict[str, Any], name: str) -> str:
+def spread_of(record: Record, name: str) -> str:
     """A metric's lowest and highest base model: ``0.412 – 0.455``."""
-    low, high = (record.get("spread", {}).get(name) or [None, None])[:2]
+    low, high = ((record.spread or {}).get(name) or (None, None))[:2]
     return f"{num(low)} – {num(high)}" if low is not None else "–"

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.atomic import arrays_digest, atomic_savez, naming
+from bench.atomic import arrays_digest, atomic_savez, atomic_write, naming
+from bench.records import SCHEMA_VERSION, Record
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 RECORDS_FILE = "records.jsonl"
 LOCK_FILE = ".lock"
 
@@ -88,6 +88,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def record_line(record: Record | dict[str, Any]) -> str:
+    """``record`` as one strict-JSON line of ``records.jsonl`` (no newline): a dict is the JSON object of a
+    record, checked against the schema first (:meth:`Record.from_json`)."""
+    typed = record if isinstance(record, Record) else Record.from_json({"schema_version": SCHEMA_VERSION, **record})
+    return json.dumps(_json_safe(typed.to_json()), sort_keys=True, allow_nan=False)
+
+
+def write_records(path: Path, records: list[Record]) -> None:
+    """``records`` as a ``records.jsonl`` file at ``path`` (replacing it whole)."""
+    atomic_write(path, lambda target: target.write_text("".join(record_line(r) + "\n" for r in records)))
+
+
 class ResultsStore:
     """``DIR/records.jsonl`` plus ``DIR/artifacts/<cell_key>.npz`` (predicted vs actual)."""
 
@@ -95,7 +107,9 @@ class ResultsStore:
         self.directory = Path(directory)
         self.path = self.directory / RECORDS_FILE
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[Record]:
+        """Every whole record in the file, in order (a torn last line is skipped with a warning); a record
+        this code cannot read is a :class:`bench.records.RecordSchemaError` naming the file and line."""
         if not self.path.exists():
             return []
         records = []
@@ -103,17 +117,20 @@ class ResultsStore:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                data = json.loads(line)
             except json.JSONDecodeError:
                 log.warning("skipping unreadable line %d of %s (a torn write?)", number, self.path)
+                continue
+            records.append(Record.from_json(data, where=f"line {number} of {self.path}"))
         return records
 
-    def latest(self) -> dict[str, dict[str, Any]]:
+    def latest(self) -> dict[str, Record]:
         """The last record of each cell key."""
-        return {r["cell_key"]: r for r in self.records() if "cell_key" in r}
+        return {r.cell_key: r for r in self.records()}
 
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_json_safe({"schema_version": SCHEMA_VERSION, **record}), sort_keys=True, allow_nan=False)
+    def append(self, record: Record | dict[str, Any]) -> None:
+        """Append ``record`` (a :class:`Record`, or the JSON object of one: checked against the schema first)."""
+        line = record_line(record)
         self.directory.mkdir(parents=True, exist_ok=True)
         needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
         payload = (("\n" if needs_newline else "") + line + "\n").encode()

@@ -15,6 +15,7 @@ from bench.leaderboard import render_markdown
 from bench.metrics import INFORMATIVE_CEILING
 from bench.planning import plan_suite
 from bench.pooling import Z95, interval, pool_base_models, pooled_facts
+from bench.records import Fact, Profile, fact
 from tasks.resnet import MnistResNet, ResNetConfig
 
 TINY_RESNET = ResNetConfig(n_train=120, n_test=40, n_queries=5, image_size=14, width=4, epochs=2, batch_size=32)
@@ -96,10 +97,10 @@ def test_each_base_model_gets_its_own_cells_and_the_leaderboard_pools_them(tmp_p
         first["metrics"]["pearson"] != second["metrics"]["pearson"]  # another θ̂, another ground truth
     assert main(args) == 0  # a re-run finds all four cells finished
     assert len((results / "records.jsonl").read_text().splitlines()) == 4
-    (pooled,) = [r for r in pool_base_models(records) if r["estimator"] == "grad-dot"]
+    (pooled,) = [r for r in pool_base_models(records) if r.estimator == "grad-dot"]
     values = [first["metrics"]["pearson"], second["metrics"]["pearson"]]
-    assert pooled["metrics"]["pearson"] == pytest.approx(np.mean(values))
-    assert pooled["spread"]["pearson"] == [min(values), max(values)]
+    assert pooled.metrics["pearson"] == pytest.approx(np.mean(values))
+    assert pooled.spread["pearson"] == (min(values), max(values))
     board = (results / "leaderboard.md").read_text()
     assert "2 base models" in board and "base models' range" in board
     assert f"{min(values):.3f} – {max(values):.3f}" in board
@@ -113,7 +114,8 @@ def _record(base_model, value, ci, ceiling=0.6, ceiling_ci=(0.5, 0.7), status="o
                                         "seconds": 10.0, "informative": True},
             "task_diagnostics": {"test_accuracy": accuracy},
             "profile": {"fit_s": 1.0 + base_model, "peak_mem_mb": 100.0 * (base_model + 1)},
-            "facts": ["5 queries × 4 removed points", f"scored against the mean of 2 seeds (r = {r:.3f})"],
+            "facts": [fact("{} queries × {} removed points", 5, 4).to_json(),
+                      fact("scored against the mean of {} seeds (r = {})", 2, f"{r:.3f}").to_json()],
             "cell_key": f"k{base_model}"}
 
 
@@ -121,33 +123,35 @@ def test_pooling_means_values_and_combines_standard_errors():
     group = [_record(0, 0.4, (0.3, 0.5), r=0.41), _record(1, 0.5, (0.45, 0.55), r=0.47),
              _record(2, 0.6, (0.5, 0.7), accuracy=0.8, r=0.41)]
     (pooled,) = pool_base_models(group)
-    assert pooled["metrics"]["pearson"] == pytest.approx(0.5) and pooled["spread"]["pearson"] == [0.4, 0.6]
+    assert pooled.metrics["pearson"] == pytest.approx(0.5) and pooled.spread["pearson"] == (0.4, 0.6)
     errors = np.array([0.1, 0.05, 0.1]) / Z95
     between = scipy.stats.t.ppf(0.975, 2) * np.std([0.4, 0.5, 0.6], ddof=1) / np.sqrt(3)
     half = np.hypot(between, Z95 * np.sqrt((errors**2).mean()))  # random effects: spread over θ̂ + shared error
-    assert pooled["ci"]["pearson"] == pytest.approx([0.5 - half, 0.5 + half])
-    assert pooled["groundtruth_diagnostics"]["seconds"] == 30.0
-    assert pooled["task_diagnostics"]["test_accuracy_range"] == [0.8, 0.9]
-    assert pooled["profile"] == {"fit_s": 2.0, "peak_mem_mb": 300.0}  # time: mean; memory: the largest
-    assert pooled["facts"] == ["5 queries × 4 removed points", "scored against the mean of 2 seeds (r = 0.410–0.470)"]
-    assert pooled["cell_key"] == "k0" and pooled["base_models"] == 3
+    assert list(pooled.ci["pearson"]) == pytest.approx([0.5 - half, 0.5 + half])
+    assert pooled.groundtruth_diagnostics["seconds"] == 30.0
+    assert pooled.task_diagnostics["test_accuracy_range"] == [0.8, 0.9]
+    assert pooled.profile == Profile(fit_s=2.0, peak_mem_mb=300.0)  # time: mean; memory: the largest
+    assert [f.text for f in pooled.facts] == ["5 queries × 4 removed points",
+                                              "scored against the mean of 2 seeds (r = 0.410–0.470)"]
+    assert pooled.facts[1] == fact("scored against the mean of {} seeds (r = {})", 2, "0.410–0.470")
+    assert pooled.cell_key == "k0" and pooled.base_models == 3
 
 
 def test_pooling_decides_informative_on_the_pooled_ceiling():
     low = [_record(b, 0.1, (0.0, 0.2), ceiling=0.3, ceiling_ci=(0.1, 0.5)) for b in range(3)]
     (pooled,) = pool_base_models(low)
-    lower = pooled["groundtruth_diagnostics"]["ceiling_pearson_ci"][0]
-    assert lower < INFORMATIVE_CEILING and pooled["informative"] is False  # although every base said True
+    lower = pooled.groundtruth_diagnostics["ceiling_pearson_ci"][0]
+    assert lower < INFORMATIVE_CEILING and pooled.informative is False  # although every base said True
     agreeing = [_record(b, 0.1, (0.0, 0.2), ceiling=0.3, ceiling_ci=(0.22, 0.38)) for b in range(3)]
-    assert pool_base_models(agreeing)[0]["informative"] is True
+    assert pool_base_models(agreeing)[0].informative is True
     apart = [_record(b, 0.1, (0.0, 0.2), ceiling=c, ceiling_ci=(c - 0.08, c + 0.08)) for b, c in enumerate((0.3, 0.6, 0.9))]
-    assert pool_base_models(apart)[0]["informative"] is False  # each informative; the mean over θ̂ is not pinned down
+    assert pool_base_models(apart)[0].informative is False  # each informative; the mean over θ̂ is not pinned down
 
 
 def test_a_failed_base_model_fails_the_pooled_cell_naming_it():
     group = [_record(0, 0.4, (0.3, 0.5)), _record(1, 0.5, (0.4, 0.6), status="failed")]
     (pooled,) = pool_base_models(group)
-    assert pooled["status"] == "failed" and pooled["error"] == "boom (base model 2 of 2)" and pooled["metrics"] == {}
+    assert pooled.status == "failed" and pooled.error == "boom (base model 2 of 2)" and pooled.metrics == {}
 
 
 def test_interval_needs_every_base_models_interval():
@@ -156,8 +160,19 @@ def test_interval_needs_every_base_models_interval():
 
 
 def test_facts_that_differ_beyond_numbers_are_marked_as_the_first_base_models():
-    assert pooled_facts([["a 1 b"], ["c 2 d"]]) == ["a 1 b (base model 1)"]
-    assert pooled_facts([["x", "y"], ["x"]]) == ["x (base model 1)", "y (base model 1)"]
+    def texts(*facts):
+        return [f.text for f in pooled_facts([tuple(fact(t, *v) for t, v in base) for base in facts])]
+
+    assert texts([("a {} b", [1])], [("c {} d", [2])]) == ["a 1 b (base model 1)"]
+    assert texts([("x", []), ("y", [])], [("x", [])]) == ["x (base model 1)", "y (base model 1)"]
+    assert texts([("r = {}", ["0.41"])], [("r = {}", ["0.47"])], [("r = {}", ["0.41"])]) == ["r = 0.41–0.47"]
+    assert texts([("flip {}", ["up"])], [("flip {}", ["down"])]) == ["flip up (base model 1)"]  # words: no range
+
+
+def test_version_1_sentences_are_upgraded_into_templates_and_values_on_read():
+    old = Fact.from_json("scored against the mean of 2 seeds (r = 0.410; n = 1,234)", version=1)
+    assert old == Fact("scored against the mean of {} seeds (r = {}; n = {})", ("2", "0.410", "1,234"))
+    assert old.text == "scored against the mean of 2 seeds (r = 0.410; n = 1,234)"
 
 
 def test_a_single_base_model_renders_as_before():

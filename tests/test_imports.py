@@ -6,7 +6,8 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["bench.leaderboard", "bench.store", "bench.atomic", "bench.failures", "bench.config"])
+@pytest.mark.parametrize("module", ["bench.leaderboard", "bench.store", "bench.records", "bench.pooling", "bench.atomic",
+                                    "bench.failures", "bench.config"])
 def test_the_report_and_record_modules_import_without_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

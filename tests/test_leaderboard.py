@@ -3,6 +3,7 @@
 Regenerate after an intended change with ``IFBENCH_UPDATE_GOLDEN=1 pytest tests/test_leaderboard.py``.
 """
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_cli_publishes_only_the_records_shown(tmp_path):
 
 
 def test_top_k_overlap_is_hidden_when_trivial():
-    records = [dict(r, n_columns=4) for r in ResultsStore(GOLDEN).records()]
+    records = [dataclasses.replace(r, n_columns=4) for r in ResultsStore(GOLDEN).records()]
     rows = [line for line in render_markdown(records).splitlines() if line.startswith("| 1 |")]
     assert rows and all(row.split("|")[6].strip() == "–" for row in rows)
 
@@ -108,7 +109,8 @@ def test_uninformative_sections_say_so_and_rank_nothing():
 def test_quality_and_cost_marks_the_pareto_front():
     """An estimator is starred when no other is both better (score / ceiling) and cheaper (fit + scores)."""
     def record(name, value, fit_s, score_s, protocol="loo"):
-        return {"task": "t", "protocol": protocol, "estimator": name, "status": "ok", "headline": "pearson",
+        return {"cell_key": f"{protocol}/{name}", "task": "t", "protocol": protocol, "estimator": name, "status": "ok",
+                "headline": "pearson",
                 "metrics": {"pearson": value}, "ceiling": 0.5, "informative": True,
                 "profile": {"fit_s": fit_s, "score_s": score_s}}
 

@@ -105,9 +105,9 @@ def test_published_deep_cells_pool_three_base_models_under_their_ceiling():
         if r["task"] != "mnist-logreg":
             deep.setdefault((r["task"], r["protocol"], r["estimator"]), set()).add(r["base_model"])
     assert deep and all(len(bases) >= 3 for bases in deep.values())
-    ranked = [r for r in pool_base_models(records) if r["status"] == "ok" and r.get("informative", True)
-              and (r.get("groundtruth_diagnostics") or {}).get(f"ceiling_{r['headline']}_ci")]
-    assert any(r["task"] != "mnist-logreg" for r in ranked)
+    ranked = [r for r in pool_base_models(records) if r.status == "ok" and r.informative
+              and r.groundtruth_diagnostics.get(f"ceiling_{r.headline}_ci")]
+    assert any(r.task != "mnist-logreg" for r in ranked)
     for r in ranked:
-        upper = r["groundtruth_diagnostics"][f"ceiling_{r['headline']}_ci"][1]
-        assert r["metrics"][r["headline"]] <= upper, (r["task"], r["protocol"], r["estimator"])
+        upper = r.groundtruth_diagnostics[f"ceiling_{r.headline}_ci"][1]
+        assert r.metrics[r.headline] <= upper, r.cell

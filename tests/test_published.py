@@ -239,7 +239,7 @@ def test_another_schema_version_is_refused_naming_both(copy):
 
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
-    with pytest.raises(PublishedError, match=r"schema version 99; this ifbench reads version 1"):
+    with pytest.raises(PublishedError, match=r"schema version 99; this ifbench reads versions 1, 2"):
         open_published(copy)
 
 

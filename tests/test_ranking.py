@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from bench.leaderboard import render_markdown
 from bench.ranking import Z95, agreeing, random_effects_interval, rank_bands, separation
+from bench.records import as_records
 
 
 def _conditional(values, errors):
@@ -37,7 +40,8 @@ def test_the_random_effects_interval_covers_the_mean_over_base_models(shared):
 def _record(name, per_query, value=None, protocol="lds", headline="lds", ci=None):
     per_query = [list(map(float, row)) for row in np.atleast_2d(per_query)]
     mean = float(np.nanmean(per_query)) if value is None else value
-    record = {"task": "t", "protocol": protocol, "estimator": name, "status": "ok", "headline": headline,
+    record = {"cell_key": f"{protocol}/{name}", "task": "t", "protocol": protocol, "estimator": name, "status": "ok",
+              "headline": headline,
               "metrics": {headline: mean}, "ci": {headline: ci or [mean - 0.05, mean + 0.05]},
               "base_models": len(per_query), "ceiling": 0.9, "informative": True, "columns": [],
               "groundtruth_diagnostics": {"from_scratch": 1.0}}
@@ -45,7 +49,7 @@ def _record(name, per_query, value=None, protocol="lds", headline="lds", ci=None
         record["per_query_by_base"] = per_query
     else:
         record["per_query"] = {headline: per_query[0]}
-    return record
+    return as_records([record])[0]
 
 
 def test_estimators_closer_than_their_paired_interval_share_a_band_and_clearly_different_ones_do_not():
@@ -107,9 +111,9 @@ def test_the_overview_gives_one_aggregate_per_kind_of_ground_truth():
         found = []
         for name, mean in values.items():
             record = _record(name, generator.normal(mean, 0.05, 60), protocol=protocol, headline="lds")
-            record.update(task=task, ceiling=ceiling, groundtruth_diagnostics=diagnostics,
-                          protocol_config={"retrain": "warm", "warm_epochs": 1.0, "warm_lr_factor": 0.1})
-            found.append(record)
+            found.append(dataclasses.replace(
+                record, task=task, ceiling=ceiling, groundtruth_diagnostics=diagnostics,
+                protocol_config={"retrain": "warm", "warm_epochs": 1.0, "warm_lr_factor": 0.1}))
         return found
 
     records = [*column("convex", "loo", {"exact_retraining": 1.0}, {"a": 0.9, "b": 0.3, "random": 0.0}, 1.0),

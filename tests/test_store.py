@@ -1,33 +1,81 @@
 import json
 
+import pytest
+
+from bench.records import Fact, Profile, Record, RecordSchemaError, fact
 from bench.store import ResultsStore
+
+
+def _record(key, **fields):
+    return {"cell_key": key, "task": "t", "protocol": "p", "estimator": "e", "status": "ok", **fields}
 
 
 def test_append_and_read_back(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append({"cell_key": "a", "metrics": {"pearson": float("nan")}})
-    store.append({"cell_key": "b", "metrics": {"pearson": 0.5}})
+    store.append(_record("a", metrics={"pearson": float("nan")}))
+    store.append(_record("b", metrics={"pearson": 0.5}))
     records = store.records()
-    assert [r["cell_key"] for r in records] == ["a", "b"]
-    assert records[0]["metrics"]["pearson"] is None and records[0]["schema_version"] == 1
+    assert [r.cell_key for r in records] == ["a", "b"]
+    assert records[0].metrics["pearson"] is None
+    assert {json.loads(line)["schema_version"] for line in store.path.read_text().splitlines()} == {2}
+
+
+def test_a_record_round_trips_through_its_json_with_typed_pieces(tmp_path):
+    record = Record.from_json({"schema_version": 2, **_record(
+        "a", ci={"pearson": [0.1, 0.3]}, facts=[fact("{} queries × {} points", 5, 4)], profile={"fit_s": 1.5},
+        metric_specs={"pearson": {"title": "Pearson", "higher_is_better": True}}, cause="cell", details={"x": [1]})})
+    assert record.ci["pearson"] == (0.1, 0.3) and record.facts == (Fact("{} queries × {} points", ("5", "4")),)
+    assert record.profile == Profile(fit_s=1.5) and record.extra == {"cause": "cell", "details": {"x": [1]}}
+    store = ResultsStore(tmp_path)
+    store.append(record)
+    assert store.records() == [record]
+
+
+def test_another_schema_version_is_refused_naming_the_line_and_both_versions(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append(_record("a"))
+    with store.path.open("a") as handle:
+        handle.write(json.dumps({"schema_version": 9, **_record("b")}) + "\n")
+    with pytest.raises(RecordSchemaError, match=r"line 2 of .*records.jsonl has schema version 9; this ifbench "
+                       r"reads versions 1, 2"):
+        store.records()
+
+
+def test_a_malformed_record_is_refused_before_it_is_written(tmp_path):
+    store = ResultsStore(tmp_path)
+    for bad, message in (({"cell_key": "a"}, "lacks the required text fields"),
+                         (_record("a", status="done"), "status 'done'; valid: ok, failed, not-applicable"),
+                         (_record("a", profile={"fit_seconds": 1.0}), r"profile fields \['fit_seconds'\]"),
+                         (_record("a", ci={"pearson": ["low", "high"]}), "an interval must be")):
+        with pytest.raises(RecordSchemaError, match=message):
+            store.append(bad)
+    assert not store.path.exists()
+
+
+def test_version_1_records_are_read_with_their_sentences_upgraded(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    store.path.write_text(json.dumps({"schema_version": 1, **_record("a", facts=["100 queries × 4 points"])}) + "\n")
+    (record,) = store.records()
+    assert record.facts == (Fact("{} queries × {} points", ("100", "4")),)
 
 
 def test_torn_last_line_is_skipped_and_next_append_is_clean(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append({"cell_key": "a"})
+    store.append(_record("a"))
     with store.path.open("a") as handle:
         handle.write('{"cell_key": "torn", "metr')  # a crash mid-write
-    assert [r["cell_key"] for r in store.records()] == ["a"]
-    store.append({"cell_key": "b"})
-    assert [r["cell_key"] for r in store.records()] == ["a", "b"]
+    assert [r.cell_key for r in store.records()] == ["a"]
+    store.append(_record("b"))
+    assert [r.cell_key for r in store.records()] == ["a", "b"]
     assert all(json.loads(line) for line in store.path.read_text().splitlines()[-1:])
 
 
 def test_latest_keeps_last_record_per_cell(tmp_path):
     store = ResultsStore(tmp_path)
-    store.append({"cell_key": "a", "status": "failed"})
-    store.append({"cell_key": "a", "status": "ok"})
-    assert store.latest()["a"]["status"] == "ok"
+    store.append(_record("a", status="failed"))
+    store.append(_record("a", status="ok"))
+    assert store.latest()["a"].status == "ok"
 
 
 def test_trained_model_round_trips_through_the_cache(tmp_path):
@@ -55,11 +103,11 @@ def test_a_short_write_is_continued_and_a_failed_one_leaves_nothing(tmp_path, mo
     import bench.store
 
     store = ResultsStore(tmp_path)
-    store.append({"cell_key": "a"})
+    store.append(_record("a"))
     real_write = os.write
     monkeypatch.setattr(bench.store.os, "write", lambda fd, data: real_write(fd, data[:7]))  # short writes
-    store.append({"cell_key": "b", "metrics": {"pearson": 0.5}})
-    assert [r["cell_key"] for r in store.records()] == ["a", "b"]
+    store.append(_record("b", metrics={"pearson": 0.5}))
+    assert [r.cell_key for r in store.records()] == ["a", "b"]
     before = store.path.read_bytes()
     calls = []
 
@@ -71,7 +119,7 @@ def test_a_short_write_is_continued_and_a_failed_one_leaves_nothing(tmp_path, mo
 
     monkeypatch.setattr(bench.store.os, "write", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        store.append({"cell_key": "c"})
+        store.append(_record("c"))
     assert store.path.read_bytes() == before  # whole records only
 
 

@@ -13,6 +13,7 @@ import torch
 
 from bench import metrics
 from bench.executors import Executor
+from bench.records import Fact, fact
 from estimators.base import GROUP, SINGLE, Estimator
 from tasks.base import Params, Split, Task, TaskData, TrainedModel
 
@@ -179,9 +180,9 @@ class Protocol(ABC):
         """Diagnostics on how well any estimator can do against ``truth`` (none by default)."""
         return {}
 
-    def facts(self, truth: GroundTruth) -> list[str]:
+    def facts(self, truth: GroundTruth) -> list[Fact]:
         """Sentences that describe this ground truth, for the leaderboard (its size by default)."""
-        return [f"{truth.actual.shape[0]} queries × {truth.actual.shape[1]} {self.column_noun}"]
+        return [fact("{} queries × {} " + self.column_noun, truth.actual.shape[0], truth.actual.shape[1])]
 
     def replicate_seeds(self, task: Task, seeds: int) -> list[int]:
         """The training seeds of the truth's ``seeds`` replicates (``replicates[k]``): the task's replicate seeds
@@ -264,17 +265,19 @@ class ScoreMatrixProtocol(Protocol):
             "informative": bool(low >= metrics.INFORMATIVE_CEILING),
         }
 
-    def facts(self, truth: GroundTruth) -> list[str]:
+    def facts(self, truth: GroundTruth) -> list[Fact]:
         gt, found = truth.diagnostics, super().facts(truth)
         if truth.replicates is not None:
             agreement = gt.get(f"seed_agreement_{self.headline}")
-            found.append(f"scored against the mean of {len(truth.replicates)} retraining seeds"
-                         + (f" (seed-vs-seed agreement r = {agreement:.3f})" if agreement is not None else ""))
+            found.append(fact("scored against the mean of {} retraining seeds (seed-vs-seed agreement r = {})",
+                              len(truth.replicates), f"{agreement:.3f}") if agreement is not None else
+                         fact("scored against the mean of {} retraining seeds", len(truth.replicates)))
         if gt.get("warm_steps") is not None:
-            epochs = f"{gt['warm_epochs']:g} epoch(s), " if gt.get("warm_epochs") is not None else ""
-            found.append(f"warm-started retrains of {epochs}{int(gt['warm_steps'])} steps")
+            found.append(fact("warm-started retrains of {} epoch(s), {} steps", f"{gt['warm_epochs']:g}",
+                              int(gt["warm_steps"])) if gt.get("warm_epochs") is not None else
+                         fact("warm-started retrains of {} steps", int(gt["warm_steps"])))
         if gt.get("max_retrain_grad_norm") is not None:
-            found.append(f"retrains converged to ‖∇J‖ ≤ {gt['max_retrain_grad_norm']:.1e}")
+            found.append(fact("retrains converged to ‖∇J‖ ≤ {}", f"{gt['max_retrain_grad_norm']:.1e}"))
         return found
 
     def ceiling_of(self, truth: GroundTruth) -> float | None:

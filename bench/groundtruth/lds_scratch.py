@@ -50,6 +50,7 @@ from bench.groundtruth.base import (
 )
 from bench.groundtruth.lds import plan_subsets
 from bench.groundtruth.retraining import check_at_least
+from bench.records import Fact, fact
 from bench.registry import registered
 from estimators.base import GROUP, SINGLE
 from tasks.base import RetrainSpec, Task, TaskData, TrainedModel
@@ -155,17 +156,18 @@ class LdsScratch(ScoreMatrixProtocol):
         shared.base_model = 0
         return [shared.replicate_seed(k + 1) for k in range(seeds)]
 
-    def facts(self, truth: GroundTruth) -> list[str]:
+    def facts(self, truth: GroundTruth) -> list[Fact]:
         gt = truth.diagnostics
         m, seeds = truth.actual.shape[1], int(gt.get("seeds", 0))
-        found = [f"{truth.actual.shape[0]} queries × {m} subsets of α = {gt.get('alpha', 0.5):g}, each trained from "
-                 f"scratch with the task's full recipe under {seeds} seeds ({m * seeds} models), averaged per subset",
-                 "one ground truth shared by every base model (no retrain starts from θ̂)"]
+        found = [fact("{} queries × {} subsets of α = {}, each trained from scratch with the task's full recipe "
+                      "under {} seeds ({} models), averaged per subset", truth.actual.shape[0], m,
+                      f"{gt.get('alpha', 0.5):g}", seeds, m * seeds),
+                 fact("one ground truth shared by every base model (no retrain starts from θ̂)")]
         agreement = gt.get("seed_agreement_lds")
         if agreement is not None:
-            found.append(f"seed-vs-seed agreement r = {agreement:.3f}")
+            found.append(fact("seed-vs-seed agreement r = {}", f"{agreement:.3f}"))
         margin = gt.get("ceiling_lds_margin")
         if margin is not None:
-            found.append(f"margin measurement's ceiling {margin:.3f} (column LDS (margin): predicted loss change "
-                         "negated against the correct-class margin)")
+            found.append(fact("margin measurement's ceiling {} (column LDS (margin): predicted loss change "
+                              "negated against the correct-class margin)", f"{margin:.3f}"))
         return found

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from bench.executors import Executor
 from bench.groundtruth.base import CellResult, Evaluation, GroundTruth, Protocol, TaskShape, checked
+from bench.records import Fact, fact
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import SELF_INFLUENCE
@@ -159,11 +160,11 @@ class MislabelDetection(Protocol):
     def fit_data(self, data: TaskData, truth: GroundTruth) -> TaskData:
         return self._noisy(data, truth.extra["noisy_labels"])
 
-    def facts(self, truth: GroundTruth) -> list[str]:
+    def facts(self, truth: GroundTruth) -> list[Fact]:
         gt = truth.diagnostics
         flips = "to the class θ̂ confuses them with most" if gt.get("flip") == "confused" else "to a random other class"
-        return [f"{int(gt['flipped'])} labels flipped {flips}; {int(gt['flipped_ranked'])} of them among the "
-                f"{int(gt['ranked'])} ranked points"]
+        return [fact("{} labels flipped " + flips + "; {} of them among the {} ranked points", int(gt["flipped"]),
+                     int(gt["flipped_ranked"]), int(gt["ranked"]))]
 
     def predict(self, ev: Evaluation) -> np.ndarray:
         """``[R]`` self-influence of the ranked points."""

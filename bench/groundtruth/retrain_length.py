@@ -34,6 +34,7 @@ from bench.groundtruth.base import (
 )
 from bench.groundtruth.loo import plan_removals
 from bench.groundtruth.retraining import check_at_least, check_lr_factor, check_warm_epochs, retrain_effects, warm_steps
+from bench.records import Fact, fact
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, SINGLE
@@ -131,10 +132,12 @@ class RetrainLength(ScoreMatrixProtocol):
         removals = predict_group_removals(ev, unpack_groups(ev.truth.extra))
         return np.tile(removals, (1, len(ev.truth.extra["epochs"])))
 
-    def facts(self, truth: GroundTruth) -> list[str]:
-        lengths = ", ".join(f"{e:g}" for e in truth.extra["epochs"].tolist())
-        steps = ", ".join(str(int(t)) for t in truth.extra["steps"].tolist())
-        return [*super().facts(truth), f"warm-started retrains of {lengths} epochs ({steps} steps)"]
+    def facts(self, truth: GroundTruth) -> list[Fact]:
+        lengths = [f"{e:g}" for e in truth.extra["epochs"].tolist()]
+        steps = [str(int(t)) for t in truth.extra["steps"].tolist()]
+        template = "warm-started retrains of " + ", ".join(["{}"] * len(lengths)) + " epochs (" + ", ".join(
+            ["{}"] * len(steps)) + " steps)"
+        return [*super().facts(truth), fact(template, *lengths, *steps)]
 
     def blocks(self, truth: GroundTruth) -> list[np.ndarray]:
         width = len(truth.extra["offsets"]) - 1

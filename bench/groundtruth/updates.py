@@ -36,6 +36,7 @@ from torch.func import functional_call
 from bench.executors import Executor
 from bench.groundtruth.base import CellResult, Evaluation, EvaluationError, GroundTruth, Protocol
 from bench.groundtruth.retraining import check_class, check_lr_factor, check_retrain_mode, check_warm_epochs, warm_steps
+from bench.records import Fact, fact
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import PARAMETER_UPDATE
@@ -165,13 +166,13 @@ class UpdateProtocol(Protocol):
     #: How the changed points are named in the leaderboard ("removed", "relabelled").
     changed_verb: ClassVar[str] = "relabelled"
 
-    def facts(self, truth: GroundTruth) -> list[str]:
+    def facts(self, truth: GroundTruth) -> list[Fact]:
         gt = truth.diagnostics
-        found = [f"{int(gt['changed_points'])} training points {self.changed_verb}",
-                 "test metrics on the evaluation half of the test split, α* chosen on the validation half"]
+        found = [fact("{} training points " + self.changed_verb, int(gt["changed_points"])),
+                 fact("test metrics on the evaluation half of the test split, α* chosen on the validation half")]
         for who, label in (("retrained", "retrained model"), ("original", "θ̂ (no update)")):
-            found.append(f"{label}: F1 {gt[f'{who}_f1']:.3f} (forget {gt[f'{who}_forget']:.3f}, "
-                         f"retain {gt[f'{who}_retain']:.3f})")
+            found.append(fact(label + ": F1 {} (forget {}, retain {})", f"{gt[f'{who}_f1']:.3f}",
+                              f"{gt[f'{who}_forget']:.3f}", f"{gt[f'{who}_retain']:.3f}"))
         return found
 
     def predict(self, ev: Evaluation) -> Params:
