@@ -31,7 +31,7 @@ from bench.planning import Plan, PlannedComponent, PlannedTask
 from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
-from estimators.base import Estimator, NotApplicable
+from estimators.base import Estimator, NotApplicable, OverLimit
 from tasks.base import HeadView, Params, Split, Task, TaskData, TrainedModel
 
 NOT_APPLICABLE = "not-applicable"
@@ -157,7 +157,8 @@ class CellRunner:
                     estimator = est.cls(est.config)
                     estimator.fit(ctx)
             except NotApplicable as err:
-                failure, estimator = Failure(f"{NOT_APPLICABLE}: {err}", cause_of(err)), None
+                limit = {"limit": err.limit} if isinstance(err, OverLimit) else {}
+                failure, estimator = Failure(f"{NOT_APPLICABLE}: {err}", {**cause_of(err), **limit}), None
             except Exception as err:  # a crashing estimator becomes a failed cell
                 failure, estimator = Failure.of(err, "fit failed: "), None
         fitted[fit_key] = Fitted(estimator, prof, failure, queries, lift, data, base)
@@ -227,9 +228,9 @@ class CellRunner:
         record["profile"] = profile
         if fit.estimator is None:
             if fit.failure.error.startswith(NOT_APPLICABLE):
-                record.update(status=NOT_APPLICABLE, reason="estimator",
+                record.update(status=NOT_APPLICABLE, reason="limit" if "limit" in fit.failure.fields else "estimator",
                               error=fit.failure.error.removeprefix(f"{NOT_APPLICABLE}: "))
-                record.update({k: v for k, v in fit.failure.fields.items() if k == "missing_module"})
+                record.update({k: v for k, v in fit.failure.fields.items() if k in ("missing_module", "limit")})
                 return record
             return failed(record, fit.failure)
         evaluation = Evaluation(fit.estimator, fit.queries, truth, task, fit.data, fit.base, fit.lift, settings)

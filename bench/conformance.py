@@ -205,8 +205,11 @@ def _repeatable(cls: type[Estimator], config: Any, problem: ToyProblem, first: E
 
 
 def check_estimator(cls: type[Estimator], config: Any = None, step: Callable[[str], None] | None = None) -> list[Check]:
-    """Run the checks of every capability ``cls`` declares (with ``config``, default its Config()); every returned
-    check says what it verified. ``step(name)`` is told when each of :data:`STEPS` starts (for progress)."""
+    """Run the checks of every capability ``cls`` declares (with ``config``, default its Config() with
+    ``cls.check_options``); every returned check says what it verified. ``step(name)`` is told when each of
+    :data:`STEPS` starts (for progress)."""
+    if config is None and cls.check_options:
+        config = cls.Config(**cls.check_options)
     started = step or (lambda name: None)
     started(STEPS[0])
     problem = toy_problem()

@@ -112,6 +112,25 @@ def _variants_paragraph(rows: list[Record]) -> list[str]:
             + "; ".join(sentences) + ".", ""]
 
 
+def _selected_share_paragraph(rows: list[Record]) -> list[str]:
+    """The share of its parameters each target-parameter estimator (GIF, FIF, PIF) moved, from its records."""
+    shares: dict[str, list[float]] = defaultdict(list)
+    for record in rows:
+        share = (record.estimator_diagnostics or {}).get("selected_fraction")
+        if record.status == "ok" and share is not None:
+            shares[record.estimator].append(100 * share)
+    if not shares:
+        return []
+    shown = []
+    for name, values in sorted(shares.items()):
+        ratio = next(r.estimator_config for r in rows if r.estimator == name).get("ratio")
+        spread = f"–{max(values):.1f}%" if max(values) - min(values) >= 0.05 else ""
+        configured = f" (configured {100 * ratio:g}%)" if isinstance(ratio, (int, float)) else ""
+        shown.append(f"`{name}` {min(values):.1f}%{spread}{configured}")
+    return ["*Target parameters* (estimators that move only a selected share S of their parameters): the share "
+            "actually moved, over their cells: " + "; ".join(shown) + ".", ""]
+
+
 def render_markdown(records: Sequence[Record | Mapping[str, Any]], *, figures: dict[Key, str] | None = None,
                     sections: Sequence[str] = ()) -> str:
     """The leaderboard as markdown: a header, an overview, ``sections`` (further markdown lines: the scaling
@@ -137,6 +156,7 @@ def render_markdown(records: Sequence[Record | Mapping[str, Any]], *, figures: d
         *_base_models_paragraph(rows),
         *COSTS,
         *_variants_paragraph(rows),
+        *_selected_share_paragraph(rows),
     ]
     if len(groups) > 1:
         lines += render_overview(groups, judged)

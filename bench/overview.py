@@ -7,6 +7,7 @@ from collections import defaultdict
 from bench.formatting import headline_of, num, seconds, title, truth_kind, value_of
 from bench.ranking import ColumnJudgement
 from bench.records import Profile, Record
+from bench.sections import over_limit
 
 Key = tuple[str, str]
 #: Aggregates, in the order rows are sorted by: the deep headline first, then the other deep kind, then convex.
@@ -48,7 +49,8 @@ def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJud
             if value is not None:
                 cells[record.estimator, key] = f"{num(value)} ({band})" if band else num(value)
             else:
-                cells[record.estimator, key] = "n/a" if record.status == "not-applicable" else "failed"
+                cells[record.estimator, key] = ("over limit" if over_limit(record) else "n/a"
+                                                if record.status == "not-applicable" else "failed")
 
     def header(key: Key) -> str:
         head, state = groups[key][0], judged[key]
@@ -59,7 +61,9 @@ def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJud
     lines = ["## Overview", "",
              "Each cell: the protocol's headline metric (higher is better) and, in brackets, the estimator's rank band "
              "in that column (uninformative columns and columns that do not separate estimators are not ranked); "
-             "*n/a*: the estimator does not run there (see the column's section for why). **Score / ceiling** is "
+             "*n/a*: the estimator does not run there (it lacks what the protocol needs, or says it does not apply "
+             "to the task; the column's section says which); *over limit*: the method applies, a configured limit "
+             "(named in the column's section) refused the run. **Score / ceiling** is "
              "given once per kind of ground truth, over that kind's ranked columns whose headline has a noise "
              f"ceiling ({counts}): the mean of the estimator's headline divided by the ceiling (1 on exact ground "
              "truth), for estimators with a value in every one of those columns. Rows are ordered by the first "

@@ -27,6 +27,18 @@ def not_applicable(record: Record) -> bool:
     return record.status == "not-applicable" and (record.reason or "capability") == "capability"
 
 
+def status_text(record: Record) -> str:
+    """How a row that has no value says why: its status, or *over a limit* with the limit named."""
+    if over_limit(record):
+        return f"over a limit ({record.extra.get('limit', 'a configured limit')})"
+    return record.status
+
+
+def over_limit(record: Record) -> bool:
+    """Not run because a configured limit refused it (the method itself applies)."""
+    return record.status == "not-applicable" and record.reason == "limit"
+
+
 def facts(head: Record) -> list[str]:
     """The task's facts, then those the protocol gave its ground truth, then its cost."""
     diagnostics, gt = head.task_diagnostics, head.groundtruth_diagnostics
@@ -129,7 +141,7 @@ def section(group: list[Record], judged: ColumnJudgement, figure: str | None) ->
             lines.append(row(record, judged, spread, hide_top_k))
         elif not not_applicable(record):
             error = str(record.error or "").replace("|", "\\|").splitlines()[0][:160]
-            lines.append(f"| – | `{record.estimator}` | {record.status}: {error} |"
+            lines.append(f"| – | `{record.estimator}` | {status_text(record)}: {error} |"
                          + " |" * (len(columns) + 5 + spread))
     lines.append("")
     skipped = [r.estimator for r in group if not_applicable(r)]

@@ -16,7 +16,9 @@ self-influence (the rise of z's own loss).
 What is here:
 
 - :class:`Estimator` (subclass it), :func:`registered` (name it), :class:`NotApplicable` (raise it from
-  ``fit`` when the estimator cannot run on a task; the cell is recorded as not applicable).
+  ``fit`` when the estimator cannot run on a task; the cell is recorded as not applicable), :class:`OverLimit`
+  (raise it instead when the method applies but one of its configured limits refuses the run, naming the
+  limit: ``OverLimit(message, limit="max_parameters = 500,000")``; shown as *over a limit*).
 - :class:`FitContext`: the model, θ̂, the per-example loss, ``l2``, the training :class:`Split`, a seed,
   checkpoints, ``exact_hessian()`` on convex tasks, ``embed`` feature spaces, the head view.
 - Capabilities an estimator declares in ``capabilities`` (the runner asks only for what is declared):
@@ -45,8 +47,9 @@ from estimators.base import (
     Estimator,
     FitContext,
     NotApplicable,
+    OverLimit,
 )
 from tasks.base import Params, Split
 
 __all__ = ["GROUP", "PARAMETER_UPDATE", "SELF_INFLUENCE", "SINGLE", "Estimator", "FitContext", "FlatLoss",
-           "NotApplicable", "Params", "Split", "per_example_grads", "registered"]
+           "NotApplicable", "OverLimit", "Params", "Split", "per_example_grads", "registered"]

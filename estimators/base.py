@@ -122,6 +122,16 @@ class NotApplicable(Exception):
     """Raised by ``fit`` when an estimator cannot run on this task (recorded as not applicable)."""
 
 
+class OverLimit(NotApplicable):
+    """Raised by ``fit`` when the method applies but a configured limit refuses the run (``limit`` names the
+    option and its value, e.g. ``"max_parameters = 500,000"``): recorded as *over a limit*, not as a method
+    that does not provide what the protocol needs."""
+
+    def __init__(self, message: str, *, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
+
 class Estimator(ABC):
     """Base class of influence estimators. Subclasses are marked with ``@registered("name")``."""
 
@@ -133,6 +143,9 @@ class Estimator(ABC):
     #: Part of every cell's key: bump it when the estimator's scores change, so finished cells are re-run.
     #: (A plug-in's cells are also keyed by a hash of the file that defines it.)
     version: ClassVar[str] = "1"
+    #: Options ``check-estimator`` uses on its 15-parameter toy problem when given none (a setting sized for
+    #: real models may not mean anything there: 5% of 15 parameters is one).
+    check_options: ClassVar[dict[str, Any]] = {}
     #: For an adapter that runs another library's implementation (``ifbench[peers]``): that library's
     #: distribution name; "" for ifbench's own. Peers run only when named (never through ``"all"``).
     peer: ClassVar[str] = ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -66,6 +66,9 @@ class TargetedInfluence(Estimator):
     Config: ClassVar[type] = GifConfig
     capabilities: ClassVar[frozenset[str]] = frozenset({SINGLE, PARAMETER_UPDATE})
     uses_head_view: ClassVar[bool] = True
+    version: ClassVar[str] = "2"  # 2: neuron rules fill the budget to the parameter (a partial last neuron)
+    #: on the 15-parameter toy, 5% is one parameter: check a third (one neuron's worth)
+    check_options: ClassVar[dict[str, Any]] = {"ratio": 1 / 3}
 
     def fit(self, ctx: FitContext) -> None:
         cfg = self.config
@@ -118,7 +121,7 @@ class TargetedInfluence(Estimator):
         """Flat indices of the best units under ``scores [U]`` within the parameter budget."""
         if self.units is None:
             return take_best(scores, None, None, self.budget)
-        return take_best(scores, self.units.sizes, self.units.unit_of, self.budget)
+        return take_best(scores, self.units.sizes, self.units.unit_of, self.budget, self.hessian.diagonal())
 
     def steps(self, rhs: Tensor, selections: list[Tensor]) -> Tensor:
         """``[R, P]`` float64 updates, each zero outside its selection."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from bench.registry import registered
 from bench.seeding import torch_generator
 from estimators.autodiff import FlatLoss, full_hessian, hvp_operator, per_example_grads
-from estimators.base import PARAMETER_UPDATE, SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
+from estimators.base import PARAMETER_UPDATE, SELF_INFLUENCE, SINGLE, Estimator, FitContext, OverLimit
 from estimators.options import at_least, positive, within
 from estimators.solvers import SolverDivergedError, conjugate_gradient, lissa, top_eigenvalue
 from tasks.base import Params, Split
@@ -147,8 +147,9 @@ def dense_hessian(flat: FlatLoss, ctx: FitContext, damping: float, max_parameter
     """``[P, P]`` Hessian of the objective plus ``damping``·I on ``flat``'s parameters (the task's closed
     form when it has one for all parameters). Raises NotApplicable above ``max_parameters``."""
     if flat.size > max_parameters:
-        raise NotApplicable(f"{flat.size:,} parameters exceed max_parameters={max_parameters:,} "
-                            "for an explicit Hessian; restrict 'parameters' or use an iterative solver")
+        raise OverLimit(f"{flat.size:,} parameters exceed max_parameters={max_parameters:,} "
+                        "for an explicit Hessian; restrict 'parameters' or use an iterative solver",
+                        limit=f"max_parameters = {max_parameters:,}")
     model_order = tuple(name for name, _ in ctx.model.named_parameters())  # the closed form's flattening order
     closed_form = None
     if ctx.exact_hessian is not None and flat.names == tuple(ctx.params) == model_order:

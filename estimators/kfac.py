@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, hessian, vmap
 
 from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
-from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
+from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable, OverLimit
 from tasks.base import Split
 
 FISHERS = ("true", "empirical")
@@ -154,9 +154,9 @@ class KroneckerInfluence(Estimator):
         covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n is not None}
         self.flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss, tuple(n for n in ctx.params if n in covered))
         if self.flat.size > cfg.max_parameters:
-            raise NotApplicable(f"{self.flat.size:,} parameters in the covered layers exceed max_parameters="
-                                f"{cfg.max_parameters:,} (per-example gradients are materialised); raise it or "
-                                "choose fewer layers with 'parameters'")
+            raise OverLimit(f"{self.flat.size:,} parameters in the covered layers exceed max_parameters="
+                            f"{cfg.max_parameters:,} (per-example gradients are materialised); raise it or "
+                            "choose fewer layers with 'parameters'", limit=f"max_parameters = {cfg.max_parameters:,}")
         self.n_left_out = sum(v.numel() for v in ctx.params.values()) - self.flat.size
         n = len(ctx.train)
         for layer in self.layers:

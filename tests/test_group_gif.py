@@ -132,7 +132,7 @@ def test_gif_fif_pif_solve_their_restricted_problems_exactly(toy, rule):
 
 
 def test_output_rule_takes_the_most_active_neuron(toy):
-    """toy-logreg's neurons are its 3 logits (5 parameters each); ratio 1/3 takes exactly one."""
+    """toy-logreg's neurons are its 3 logits (5 parameters each); ratio 1/3 takes exactly one, whole."""
     estimator = fitted(GeneralizedInfluence, toy.ctx, GifConfig(ratio=1 / 3, rule="activation"))
     point = toy.ctx.train.subset([5])
     logits = point.inputs @ toy.ctx.params["weight"].T + toy.ctx.params["bias"]
@@ -140,6 +140,27 @@ def test_output_rule_takes_the_most_active_neuron(toy):
     chosen = estimator.select(point, estimator.grads(point), (5,))
     weight_entries = torch.arange(neuron * 4, neuron * 4 + 4)
     assert chosen.tolist() == [*weight_entries.tolist(), 12 + neuron]
+
+
+@pytest.mark.parametrize("rule", ["activation", "output-gradient"])
+def test_neuron_rules_select_the_configured_share_when_a_neuron_is_wider_than_it(toy, rule):
+    """toy-logreg's neurons are 5 parameters each (P = 15): 20% is 3 parameters, less than one neuron, and
+    7 (ratio 0.47) is one neuron and 2 of the next; the partial one gives its most curved parameters."""
+    for ratio, budget in ((0.2, 3), (0.47, 7)):
+        estimator = fitted(GeneralizedInfluence, toy.ctx, GifConfig(ratio=ratio, rule=rule))
+        point = toy.ctx.train.subset([5])
+        chosen = estimator.select(point, estimator.grads(point), (5,))
+        assert len(chosen) == budget == round(ratio * 15)
+        neurons = estimator.units.unit_of[chosen]
+        whole = [n for n in neurons.unique().tolist() if int((neurons == n).sum()) == 5]
+        partial = [n for n in neurons.unique().tolist() if n not in whole]
+        assert len(whole) == budget // 5 and len(partial) == 1
+        members = torch.nonzero(estimator.units.unit_of == partial[0]).flatten()
+        curvature = estimator.hessian.diagonal()[members]
+        expected = members[torch.argsort(curvature, descending=True)[: budget % 5]]
+        assert sorted(chosen[neurons == partial[0]].tolist()) == sorted(expected.tolist())
+        assert estimator.score(toy.queries, torch.tensor([5])).isfinite().all()
+        assert estimator.diagnostics()["selected_fraction"] == pytest.approx(budget / 15)
 
 
 def test_gif_moves_fewer_parameters_and_keeps_the_rest_fixed(toy):

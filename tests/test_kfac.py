@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from estimators.autodiff import FlatLoss, full_hessian, per_example_grads
-from estimators.base import FitContext, NotApplicable
+from estimators.base import FitContext, NotApplicable, OverLimit
 from estimators.kfac import Ekfac, Kfac, KfacConfig
 from tasks.base import Split
 
@@ -114,8 +114,9 @@ def test_norm_parameters_are_left_out_and_counted():
 
 def test_too_many_parameters_is_not_applicable(regression):
     ctx, _ = regression
-    with pytest.raises(NotApplicable, match="15 parameters in the covered layers exceed max_parameters=10"):
+    with pytest.raises(NotApplicable, match="15 parameters in the covered layers exceed max_parameters=10") as err:
         fitted(Kfac, ctx, max_parameters=10)
+    assert isinstance(err.value, OverLimit) and err.value.limit == "max_parameters = 10"  # a cap, not the method
 
 
 def test_the_empirical_fisher_factors_are_moments_of_the_observed_label_gradients(toy):

@@ -121,3 +121,22 @@ def test_quality_and_cost_marks_the_pareto_front():
             if row.startswith("| `")}
     # a: mean(0.45/0.5, 0.35/0.5) = 0.8 at 8 + 1 + 2 s (one fit, both scorings)
     assert rows == {"`a`": "0.800 · 11 ★", "`b`": "0.500 · 1.50 ★", "`c`": "0.300 · 6.00"}
+
+
+def test_a_configured_limit_is_shown_as_over_a_limit_not_as_not_applicable():
+    """A cap (max_parameters) that refused a method is named as such, in the section and the overview."""
+    def record(name, protocol, **fields):
+        return {"cell_key": f"{protocol}/{name}", "task": "t", "protocol": protocol, "estimator": name,
+                "headline": "pearson", "ceiling": 1.0, "groundtruth_diagnostics": {"exact_retraining": 1.0}, **fields}
+
+    capped = {"status": "not-applicable", "reason": "limit", "limit": "max_parameters = 500,000",
+              "error": "1,773,698 parameters in the covered layers exceed max_parameters=500,000"}
+    lacking = {"status": "not-applicable", "reason": "capability", "error": "loo needs single; x provides group"}
+    records = [record(name, protocol, status="ok", metrics={"pearson": value}, ci={"pearson": [value - .1, value + .1]})
+               for protocol in ("loo", "lds") for name, value in (("a", 0.9), ("b", 0.5))]
+    records += [record("ekfac", p, **capped) for p in ("loo", "lds")] + [record("x", p, **lacking) for p in ("loo", "lds")]
+    board = render_markdown(records)
+    assert "| – | `ekfac` | over a limit (max_parameters = 500,000): 1,773,698 parameters" in board
+    overview = [line for line in board.splitlines() if line.startswith("| `ekfac`") or line.startswith("| `x`")]
+    assert "over limit" in overview[0] and "n/a" not in overview[0] and "n/a" in overview[1]
+    assert "Not applicable (loo needs single): `x`." in board
