@@ -27,8 +27,8 @@ from bench.context import fit_context, head_view_context
 from bench.failures import Failure, cause_of
 from bench.groundtruth.base import Evaluation, EvaluationError, GroundTruth, Protocol, Settings
 from bench.hashing import stable_hash
+from bench.phase_cost import profiled
 from bench.planning import Plan, PlannedComponent, PlannedTask
-from bench.profile import profiled
 from bench.seeding import derive_seed
 from bench.store import ResultsStore
 from estimators.base import Estimator, NotApplicable, OverLimit

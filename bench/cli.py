@@ -258,7 +258,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bench.conformance import STEPS, check_estimator
 
     cls = default_registries(args.plugin).estimators.get(args.name)
-    config = make_config(cls.Config, parse_options(args.option), f"estimator {args.name}")
+    config = make_config(cls.Config, {**cls.check_options, **parse_options(args.option)}, f"estimator {args.name}")
     with tqdm(total=len(STEPS), desc=f"check {args.name}", unit="step", leave=False, disable=args.no_progress) as bar:
         def step(name: str) -> None:
             bar.update(STEPS.index(name) - bar.n)

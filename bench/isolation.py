@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bench.failures import cause_of
-from bench.profile import current_rss_mb
+from bench.phase_cost import current_rss_mb
 
 POLL_SECONDS = 0.05
 #: how long a worker whose pipe closed may take to exit (a loaded machine takes seconds to tear down torch)

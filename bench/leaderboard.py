@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,16 +132,31 @@ def _selected_share_paragraph(rows: list[Record]) -> list[str]:
             "actually moved, over their cells: " + "; ".join(shown) + ".", ""]
 
 
+@dataclass(frozen=True)
+class Board:
+    """What the leaderboard shows, computed once: the pooled rows, their columns and each column's judgement."""
+
+    rows: list[Record]
+    groups: dict[Key, list[Record]]
+    judged: dict[Key, ColumnJudgement]
+
+    @classmethod
+    def of(cls, records: Sequence[Record | Mapping[str, Any]]) -> Board:
+        rows = pool_base_models(as_records(records))
+        groups = grouped(rows)
+        return cls(rows, groups, {key: judge_column(group) for key, group in groups.items()})
+
+
 def render_markdown(records: Sequence[Record | Mapping[str, Any]], *, figures: dict[Key, str] | None = None,
-                    sections: Sequence[str] = ()) -> str:
+                    sections: Sequence[str] = (), board: Board | None = None) -> str:
     """The leaderboard as markdown: a header, an overview, ``sections`` (further markdown lines: the scaling
     profile, the peers' table), then one table per (task, protocol) (each cell's latest records, pooled over
-    its base models; JSON objects are read as ``records.jsonl`` holds them)."""
-    rows = pool_base_models(as_records(records))
+    its base models; JSON objects are read as ``records.jsonl`` holds them; ``board``: ``Board.of(records)``
+    where the caller has it)."""
+    board = board or Board.of(records)
+    rows, groups, judged = board.rows, board.groups, board.judged
     if not rows:
         return "\n".join(["# ifbench leaderboard", "", "No results yet: run `ifbench run` first.", "", *sections]).rstrip() + "\n"
-    groups = grouped(rows)
-    judged: dict[Key, ColumnJudgement] = {key: judge_column(group) for key, group in groups.items()}
     first = rows[0]
     commits = sorted({r.git_commit for r in rows})
     versions = first.versions
@@ -204,22 +220,22 @@ def write_leaderboard(results_dir: Path, out: Path, *, with_figures: bool = True
     """Render ``results_dir``'s records to ``out`` (figures in ``out``'s folder ``figures/``)."""
     store = ResultsStore(results_dir)
     records = store.records()
+    board = Board.of(records)
     figures: dict[Key, str] = {}
     out = Path(out)
     if with_figures and records:
         from bench.figures import quality_versus_cost, scatter_best
         from bench.overview import quality_and_cost
 
-        latest, folder = pool_base_models(records), out.parent / "figures"
-        for (task, protocol), path in scatter_best(store, latest, folder).items():
+        folder = out.parent / "figures"
+        for (task, protocol), path in scatter_best(store, board.rows, folder).items():
             figures[(task, protocol)] = str(path.relative_to(out.parent))
-        groups = grouped(latest)
-        path = quality_versus_cost(quality_and_cost(groups, {k: judge_column(g) for k, g in groups.items()}), folder)
+        path = quality_versus_cost(quality_and_cost(board.groups, board.judged), folder)
         if path is not None:
             figures[QUALITY_AND_COST] = str(path.relative_to(out.parent))
     out.parent.mkdir(parents=True, exist_ok=True)
     sections = [*_profile_section(results_dir, out, with_figures), *_peers_section(results_dir)]
-    out.write_text(render_markdown(records, figures=figures, sections=sections))
+    out.write_text(render_markdown(records, figures=figures, sections=sections, board=board))
     return out
 
 

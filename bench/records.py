@@ -234,7 +234,7 @@ def _typed_pieces(data: Mapping[str, Any], version: int) -> dict[str, Any]:
         "facts": tuple(Fact.from_json(f, version=version) for f in data.get("facts") or ()),
         "metric_specs": {k: MetricSpec(**v) for k, v in (data.get("metric_specs") or {}).items()},
         "ci": {k: _interval(v) for k, v in (data.get("ci") or {}).items()},
-        "columns": tuple(data.get("columns") or DEFAULT_COLUMNS),
+        "columns": tuple(DEFAULT_COLUMNS if data.get("columns") is None else data["columns"]),
     }
     if data.get("profile") is not None:
         pieces["profile"] = Profile.from_json(data["profile"])

@@ -43,8 +43,8 @@ from bench.failures import Failure, retry_reason
 from bench.groundtruth.base import GroundTruth, Protocol, Settings
 from bench.heartbeat import heartbeat, refreshing
 from bench.isolation import exit_code, run_all
+from bench.phase_cost import profiled
 from bench.planning import Plan, PlannedComponent, PlannedTask
-from bench.profile import profiled
 from bench.records import Record
 from bench.seeding import derive_seed
 from bench.store import ResultsStore

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.context import fit_context
-from bench.profile import profiled
+from bench.phase_cost import profiled
 from bench.scaling_report import AXES as AXES
 from bench.scaling_report import P_AXIS_CONDITION as P_AXIS_CONDITION
 from bench.scaling_report import PROFILE_FILE as PROFILE_FILE

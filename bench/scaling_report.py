@@ -17,6 +17,7 @@ from typing import Any
 from scipy import stats
 
 from bench.atomic import atomic_write
+from bench.figure_cache import drawn
 
 PROFILE_FILE = "profile.json"
 AXES = ("n", "Q", "P")
@@ -296,16 +297,22 @@ def _at(point: Point) -> str:
 
 
 def figure(points: Sequence[Point], folder: Path) -> list[Path]:
-    """Time (top) and own memory (bottom) against n, Q and P, log–log, a line per estimator (seaborn)."""
+    """Time (top) and own memory (bottom) against n, Q and P, log–log, a line per estimator (seaborn); drawn
+    only where the points changed (:mod:`bench.figure_cache`)."""
+    measured = [p for p in points if p.seconds is not None]
+    if not measured:
+        return []
+    return [drawn(folder / "scaling.png", [dataclasses.asdict(p) for p in measured],
+                  lambda path: _draw(path, measured), (Path(__file__),))]
+
+
+def _draw(path: Path, measured: list[Point]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    measured = [p for p in points if p.seconds is not None]
-    if not measured:
-        return []
     sns.set_theme(style="whitegrid", context="notebook")
     shown_axes = [(axis, label) for axis, label in (("n", "training points n"), ("Q", "queries Q"), ("P", "parameters P"))
                   if any(p.axis == axis for p in measured)]
@@ -329,8 +336,5 @@ def figure(points: Sequence[Point], folder: Path) -> list[Path]:
     if legend is not None:
         axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "scaling.png"
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
-    return [path]

@@ -91,7 +91,8 @@ def _json_safe(value: Any) -> Any:
 def record_line(record: Record | dict[str, Any]) -> str:
     """``record`` as one strict-JSON line of ``records.jsonl`` (no newline): a dict is the JSON object of a
     record, checked against the schema first (:meth:`Record.from_json`)."""
-    typed = record if isinstance(record, Record) else Record.from_json({"schema_version": SCHEMA_VERSION, **record})
+    typed = record if isinstance(record, Record) else Record.from_json(_json_safe({"schema_version": SCHEMA_VERSION,
+                                                                                             **record}))
     return json.dumps(_json_safe(typed.to_json()), sort_keys=True, allow_nan=False)
 
 

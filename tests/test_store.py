@@ -132,7 +132,7 @@ def test_memory_is_sampled_per_phase_without_blinding_outside_tools():
     import pytest
     import torch
 
-    from bench.profile import current_rss_mb, profiled
+    from bench.phase_cost import current_rss_mb, profiled
 
     if current_rss_mb() is None:
         pytest.skip("no /proc on this platform: the getrusage fallback has no per-phase increment")

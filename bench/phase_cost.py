@@ -1,4 +1,5 @@
-"""Wall time and memory of a phase (fit, score).
+"""Wall time and memory of a phase (fit, score): what a cell records as its cost (``ifbench profile``, the
+scaling sweep, is :mod:`bench.scaling`).
 
 Host memory is sampled: a background thread reads the process's resident set
 size (``/proc/self/statm``) every ``SAMPLE_SECONDS`` during the phase, so the
