@@ -92,15 +92,11 @@ def behind_leader(leader: np.ndarray, other: np.ndarray, *, seed: int) -> bool:
     return bool(len(means) and np.percentile(means, 2.5) > 0)
 
 
-def _value(record: Record) -> float | None:
-    return record.headline_value
-
-
 def _overlaps(leader: Record, other: Record) -> bool:
     """Interval overlap (the rule where no per-query values are kept); equality as shown without intervals."""
     a, b = leader.ci.get(leader.headline), other.ci.get(leader.headline)
     if a is None or b is None:
-        return round(_value(leader), 3) == round(_value(other), 3)
+        return round(leader.headline_value, 3) == round(other.headline_value, 3)
     return b[1] >= a[0]
 
 
@@ -121,8 +117,8 @@ def rank_bands(records: list[Record], skip: Sequence[str] = ()) -> dict[str, int
     the column from the best: an estimator not significantly behind the current band's leader joins its band;
     the first that is leads the next band. Bands therefore never rise down the column (a paired comparison is
     not transitive: testing each against the column's leader alone could put a lower value in a better band)."""
-    ranked = sorted((r for r in records if _value(r) is not None and r.estimator not in skip),
-                    key=lambda r: (-_value(r), r.estimator))
+    ranked = sorted((r for r in records if r.headline_value is not None and r.estimator not in skip),
+                    key=lambda r: (-r.headline_value, r.estimator))
     bands: dict[str, int] = {}
     band, leader = 0, None
     for record in ranked:
@@ -135,7 +131,7 @@ def rank_bands(records: list[Record], skip: Sequence[str] = ()) -> dict[str, int
 def agreeing(records: list[Record]) -> dict[str, str]:
     """``{estimator: the estimator it agrees with}`` (see :data:`AGREEMENT`): each agreeing cluster is shown under
     its member with the highest headline."""
-    ok = sorted((r for r in records if _value(r) is not None), key=lambda r: (-_value(r), r.estimator))
+    ok = sorted((r for r in records if r.headline_value is not None), key=lambda r: (-r.headline_value, r.estimator))
     matrices = {r.estimator: per_query_matrix(r) for r in ok}
     found: dict[str, str] = {}
     for i, first in enumerate(ok):
@@ -154,7 +150,7 @@ def agreeing(records: list[Record]) -> dict[str, str]:
 
 def separation(records: list[Record], bands: dict[str, int]) -> str | None:
     """Why a column does not separate estimators (None if it does)."""
-    values = {r.estimator: _value(r) for r in records if _value(r) is not None}
+    values = {r.estimator: r.headline_value for r in records if r.headline_value is not None}
     methods = {name: v for name, v in values.items() if name not in BASELINES}
     if not methods:
         return None

@@ -77,6 +77,8 @@ class TargetedInfluence(Estimator):
         self._info: dict[str, float] = {"n_parameters": float(self.flat.size)}
         self.hessian = dense_hessian(self.flat, ctx, cfg.damping, cfg.max_parameters, self._info).double()
         self.units = neuron_units(self.flat) if cfg.rule in NEURON_RULES else None
+        #: the order a partly taken neuron gives its parameters in (see estimators.target_params)
+        self.curvature = self.hessian.diagonal().cpu().double() if self.units is not None else None
         self.budget = max(1, round(cfg.ratio * self.flat.size))
         self._factors: dict[bytes, Tensor] = {}
         self.prepare()
@@ -121,7 +123,7 @@ class TargetedInfluence(Estimator):
         """Flat indices of the best units under ``scores [U]`` within the parameter budget."""
         if self.units is None:
             return take_best(scores, None, None, self.budget)
-        return take_best(scores, self.units.sizes, self.units.unit_of, self.budget, self.hessian.diagonal())
+        return take_best(scores, self.units.sizes, self.units.unit_of, self.budget, self.curvature)
 
     def steps(self, rhs: Tensor, selections: list[Tensor]) -> Tensor:
         """``[R, P]`` float64 updates, each zero outside its selection."""
