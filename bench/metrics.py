@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-import scipy.stats
 
 #: Part of every cell's cache key: bump it when a metric's definition changes, so finished cells are re-scored.
 #: 2: a constant predicted row scores 0 (was dropped as undefined).
@@ -78,6 +77,8 @@ def rowwise(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     y_constant = np.ptp(y, axis=-1) == 0 if y.shape[-1] else np.ones(y.shape[:-1], dtype=bool)
     x_constant = np.ptp(x, axis=-1) == 0 if x.shape[-1] else np.ones(x.shape[:-1], dtype=bool)
     if name == "spearman":
+        import scipy.stats  # lazy: the report layer reads this module's names, not its scipy
+
         x, y = scipy.stats.rankdata(x, axis=-1), scipy.stats.rankdata(y, axis=-1)
     x, y = _centred_unit_scale(x), _centred_unit_scale(y)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -100,6 +101,8 @@ def _kendall(x: np.ndarray, y: np.ndarray) -> float:
         return float("nan")  # nothing to rank
     if np.ptp(x) == 0:
         return 0.0  # a constant prediction carries no rank information
+    import scipy.stats  # lazy, as in rowwise
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(scipy.stats.kendalltau(x, y).statistic)

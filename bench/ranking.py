@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.stats
 
 from bench.records import Record
 
@@ -58,7 +57,9 @@ def random_effects_interval(values: Sequence[float], errors: Sequence[float]) ->
     mean, count = float(values.mean()), len(values)
     between = 0.0
     if count > 1:
-        t = float(scipy.stats.t.ppf(0.975, count - 1))
+        from scipy.special import stdtrit  # the t quantile without scipy.stats' import (0.7 s)
+
+        t = float(stdtrit(count - 1, 0.975))
         between = t * float(values.std(ddof=1)) / math.sqrt(count)
     within = Z95 * math.sqrt(float(np.mean(errors**2)))
     half = math.hypot(between, within)

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
 from bench.atomic import atomic_write
 from bench.figure_cache import drawn
 
@@ -125,10 +123,17 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> Slope | None:
     pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if x and y and x > 0 and y > 0]
     if len({x for x, _ in pairs}) < 2:
         return None
-    result = stats.linregress([math.log(x) for x, _ in pairs], [math.log(y) for _, y in pairs])
-    half = stats.t.ppf(0.975, len(pairs) - 2) * result.stderr if len(pairs) > 2 else math.nan
-    centre = statistics.fmean(math.log(x) for x, _ in pairs)
-    return Slope(result.slope, result.slope - half, result.slope + half, result.intercept, len(pairs), centre)
+    log_x, log_y = [math.log(x) for x, _ in pairs], [math.log(y) for _, y in pairs]
+    centre, level = statistics.fmean(log_x), statistics.fmean(log_y)
+    sxx = sum((x - centre) ** 2 for x in log_x)
+    sxy = sum((x - centre) * (y - level) for x, y in zip(log_x, log_y, strict=True))
+    slope = sxy / sxx
+    half = math.nan
+    if len(pairs) > 2:
+        from scipy.special import stdtrit  # the t quantile without scipy.stats' import
+        residual = sum((y - level - slope * (x - centre)) ** 2 for x, y in zip(log_x, log_y, strict=True))
+        half = float(stdtrit(len(pairs) - 2, 0.975)) * math.sqrt(residual / (len(pairs) - 2) / sxx)
+    return Slope(slope, slope - half, slope + half, level - slope * centre, len(pairs), centre)
 
 
 def fits(points: Sequence[Point]) -> dict[tuple[str, str, str], Slope]:

@@ -141,3 +141,25 @@ def test_bands_never_rise_down_the_column():
                _record("c", shared + 0.08 + generator.normal(0, 0.005, 100)),
                _record("b", shared + 0.07 + generator.normal(0, 0.3, 100))]
     assert rank_bands(records) == {"a": 1, "c": 2, "b": 2}
+
+
+def test_the_t_quantiles_the_report_takes_without_scipy_stats_are_scipy_stats_own():
+    """The interval and the scaling slope use scipy.special.stdtrit and closed-form least squares so that
+    rendering does not import scipy.stats; both must equal scipy.stats' answers (float64 rounding only)."""
+    import scipy.stats
+
+    from bench.scaling_report import fit_slope
+
+    values, errors = [0.61, 0.47, 0.70, 0.52], [0.02, 0.03, 0.01, 0.02]
+    t = scipy.stats.t.ppf(0.975, len(values) - 1)
+    between = t * np.std(values, ddof=1) / np.sqrt(len(values))
+    half = np.hypot(between, Z95 * np.sqrt(np.mean(np.square(errors))))
+    assert random_effects_interval(values, errors) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
+    rng = np.random.default_rng(0)
+    xs = [100.0, 200.0, 400.0, 800.0, 1600.0]
+    ys = [3.0 * x**1.4 * f for x, f in zip(xs, rng.uniform(0.8, 1.25, len(xs)), strict=True)]
+    slope, reference = fit_slope(xs, ys), scipy.stats.linregress(np.log(xs), np.log(ys))
+    reference_half = scipy.stats.t.ppf(0.975, len(xs) - 2) * reference.stderr
+    assert slope.slope == pytest.approx(reference.slope, rel=1e-12)
+    assert slope.intercept == pytest.approx(reference.intercept, rel=1e-12)
+    assert (slope.low, slope.high) == pytest.approx((reference.slope - reference_half, reference.slope + reference_half))
