@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.claims import render_fastif
 from bench.formatting import option_text, value_of
 from bench.metrics import INFORMATIVE_CEILING
 from bench.overview import render_overview, render_quality_and_cost
@@ -60,7 +61,7 @@ INTRODUCTION = [
     "and queries (both resampled, the same draw for the two; the columns are shared by every estimator, so the "
     "comparison is conditional on them). One not significantly behind (the difference's 95% interval reaches 0) "
     "joins the band; the first that is behind leads the next band, so bands never rise down the column. Where a "
-    "protocol keeps no per-query values (mislabel detection, updates) two estimators share a band when their 95% "
+    "protocol keeps no per-query values (a detection AUC, an update's F1) two estimators share a band when their 95% "
     "intervals overlap. Estimators whose "
     "per-query values agree to within 0.0005 everywhere compute the same quantity by another solver: they are "
     "shown as agreeing (≡) with the best of them, in its band. A column *does not separate* estimators, and is not "
@@ -177,6 +178,7 @@ def render_markdown(records: Sequence[Record | Mapping[str, Any]], *, figures: d
     if len(groups) > 1:
         lines += render_overview(groups, judged)
         lines += render_quality_and_cost(groups, judged, (figures or {}).get(QUALITY_AND_COST))
+        lines += render_fastif(groups)
     lines += sections
     for key, group in groups.items():
         lines += section(group, judged[key], (figures or {}).get(key))

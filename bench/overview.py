@@ -36,6 +36,16 @@ def aggregates(groups: dict[Key, list[Record]], columns: list[Key]) -> dict[str,
     return {name: sum(v) / len(v) for name, v in fractions.items() if columns and len(v) == len(columns)}
 
 
+def _not_aggregated(keys: list[Key], by_kind: dict[str, list[Key]]) -> str:
+    """The sentence naming the columns no aggregate covers (unranked, or no ceiling on their headline)."""
+    aggregated = {key for columns in by_kind.values() for key in columns}
+    others = [f"{task} · {protocol}" for task, protocol in keys if (task, protocol) not in aggregated]
+    if not others:
+        return ""
+    return (" Shown but not aggregated (not ranked, or no noise ceiling on their headline): "
+            + ", ".join(others) + ".")
+
+
 def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJudgement]) -> list[str]:
     """Estimators × (task, protocol): each cell's headline and band; one score / ceiling per kind of ground truth."""
     keys = list(groups)
@@ -67,8 +77,7 @@ def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJud
              "given once per kind of ground truth, over that kind's ranked columns whose headline has a noise "
              f"ceiling ({counts}): the mean of the estimator's headline divided by the ceiling (1 on exact ground "
              "truth), for estimators with a value in every one of those columns. Rows are ordered by the first "
-             "aggregate, then the next. The other columns (updates, mislabel detection) are shown but not aggregated.",
-             "",
+             "aggregate, then the next." + _not_aggregated(keys, by_kind), "",
              "| estimator | " + " | ".join(f"score / ceiling: {KIND_TITLES[k]}" for k in kinds) + " | "
              + " | ".join(header(k) for k in keys) + " |",
              "|---|" + "---:|" * (len(kinds) + len(keys))]

@@ -24,7 +24,7 @@ FLOORS = (
     ("bench.ranking", 1, "report"), ("bench.pooling", 1, "report"), ("bench.overview", 1, "report"),
     ("bench.sections", 1, "report"), ("bench.figures", 1, "report"), ("bench.leaderboard", 1, "report"),
     ("bench.scaling_report", 1, "report"), ("bench.peers_report", 1, "report"), ("bench.records", 1, "report"),
-    ("bench.figure_cache", 1, "report"),
+    ("bench.figure_cache", 1, "report"), ("bench.claims", 1, "report"),
     # 2 data types and pure-torch numerics shared by estimators and tasks
     ("tasks.base", 2, "numerics"), ("estimators.autodiff", 2, "numerics"), ("estimators.solvers", 2, "numerics"),
     # 3 components: two wings that do not import each other

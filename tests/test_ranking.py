@@ -118,8 +118,11 @@ def test_the_overview_gives_one_aggregate_per_kind_of_ground_truth():
 
     records = [*column("convex", "loo", {"exact_retraining": 1.0}, {"a": 0.9, "b": 0.3, "random": 0.0}, 1.0),
                *column("deep", "lds-scratch", {"from_scratch": 1.0}, {"a": 0.2, "b": 0.4, "c": 0.6, "random": 0.0}, 0.8),
-               *column("deep", "lds", {"warm_steps": 30.0}, {"a": 0.7, "b": 0.6, "c": 0.3, "random": 0.0}, 0.9)]
+               *column("deep", "lds", {"warm_steps": 30.0}, {"a": 0.7, "b": 0.6, "c": 0.3, "random": 0.0}, 0.9),
+               *column("deep", "group", {"warm_steps": 30.0}, {"a": 0.5, "b": 0.5, "c": 0.5, "random": 0.0}, 0.9)]
     lines = render_markdown(records).splitlines()
+    assert any(line.endswith("Shown but not aggregated (not ranked, or no noise ceiling on their headline): "
+                             "deep · group.") for line in lines)  # every estimator in band 1: does not separate
     start = lines.index("## Overview")
     header = lines[start + 4]
     assert header.startswith("| estimator | score / ceiling: from scratch (deep) | score / ceiling: fine-tune response "
