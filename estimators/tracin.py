@@ -77,12 +77,17 @@ class GradientSimilarity(Estimator):
     normalise: ClassVar[bool] = False
 
     version: ClassVar[str] = "3"  # 2: records n_parameters; 3: a Linear layer's products factorised
+    #: bytes of training-point gradients kept between score calls (every protocol of a fitted estimator scores
+    #: the same training points); chunks beyond it are computed again at each call. The scores are the same.
+    train_cache_bytes: ClassVar[int] = 1 << 30
 
     def fit(self, ctx: FitContext) -> None:
         self.ctx = ctx
         self.names = tuple(self.config.parameters or ctx.default_parameters)
         self.n_parameters = sum(ctx.params[n].numel() for n in select_parameters(ctx.params, self.names))
         self.stages = self.make_stages(ctx)
+        self._train_cache: dict[tuple[int, bytes], Tensor] = {}
+        self._cached_bytes = 0
 
     def make_stages(self, ctx: FitContext) -> list[Stage]:
         raise NotImplementedError
@@ -92,14 +97,26 @@ class GradientSimilarity(Estimator):
 
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
         total = None
-        for stage in self.stages:
+        for index, stage in enumerate(self.stages):
             part = self._factorised_part(stage, queries, train_idx)
             if part is None:
                 query_grads = self._unit(stage.grads(queries))
-                part = torch.cat([query_grads @ self._unit(stage.grads(self.ctx.train.subset(cols))).T
+                part = torch.cat([query_grads @ self._train_grads(index, cols).T
                                   for cols in train_idx.split(self.config.column_chunk)], dim=1)
             total = stage.weight * part if total is None else total + stage.weight * part
         return total.float()
+
+    def _train_grads(self, index: int, cols: Tensor) -> Tensor:
+        """``[len(cols), P]`` (unit where ``normalise``) gradients of stage ``index`` at training points ``cols``,
+        kept for later calls while ``train_cache_bytes`` allows."""
+        key = (index, cols.cpu().numpy().tobytes())
+        if key in self._train_cache:
+            return self._train_cache[key]
+        grads = self._unit(self.stages[index].grads(self.ctx.train.subset(cols)))
+        size = grads.numel() * grads.element_size()
+        if self._cached_bytes + size <= self.train_cache_bytes:
+            self._train_cache[key], self._cached_bytes = grads, self._cached_bytes + size
+        return grads
 
     def _factorised_part(self, stage: Stage, queries: Split, train_idx: Tensor) -> Tensor | None:
         """``[Q, J]`` similarities from a Linear layer's factors, or None where the stage has none."""

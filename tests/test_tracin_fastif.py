@@ -138,3 +138,26 @@ def test_fastif_rejects_unknown_feature_space_and_index(toy):
         fitted(FastIf, toy.ctx, fastif_config(k=5, features="cls"))
     with pytest.raises(ValueError, match=r"unknown kNN index 'hnsw'\. Valid: exact, ivf"):
         fitted(FastIf, toy.ctx, fastif_config(k=5, index="hnsw"))
+
+
+def test_training_gradients_are_kept_between_score_calls_within_the_byte_budget(toy, monkeypatch):
+    """A second score call (another protocol) reuses the training gradients: same scores, no new gradients
+    for them; with no budget every call computes them again."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ctx = dataclasses.replace(toy.ctx, model=model, params=params, exact_hessian=None, checkpoints=())
+    for budget, train_calls_after_first in ((1 << 30, 0), (0, 1)):
+        monkeypatch.setattr(GradDot, "train_cache_bytes", budget)
+        grad_dot = fitted(GradDot, ctx)
+        stage = grad_dot.stages[0]
+        calls = []
+        counted = dataclasses.replace(
+            stage, grads=lambda split, inner=stage.grads, log=calls: log.append(len(split)) or inner(split))
+        grad_dot.stages = [counted]
+        first = grad_dot.score(toy.queries, toy.train_idx)
+        before = len(calls)
+        second = grad_dot.score(toy.queries, toy.train_idx)
+        assert torch.equal(first, second)
+        train_chunks = len(toy.train_idx.split(grad_dot.config.column_chunk))
+        # the queries' gradients, and the training chunks again only without a budget
+        assert len(calls) - before == 1 + train_calls_after_first * train_chunks
