@@ -73,6 +73,31 @@ class Checkpoint:
     step: int
 
 
+@dataclass(frozen=True)
+class SgdRun:
+    """A deterministic SGD run to replay (MAGIC's metagradients): the start ``theta0 [P]`` (flat, in the
+    order of the parameters it covers), each step's batch (indices into the training split) and learning rate,
+    heavy-ball ``momentum`` and ``weight_decay`` coupled into the gradient, as ``torch.optim.SGD`` does
+    (dampening 0, no Nesterov): v ← μ v + g + λθ, θ ← θ − η v, v₀ = 0."""
+
+    theta0: Tensor
+    batches: tuple[Tensor, ...]
+    learning_rates: tuple[float, ...]
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.batches) != len(self.learning_rates):
+            raise ValueError(f"SgdRun: {len(self.batches)} batches but {len(self.learning_rates)} learning rates")
+        if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0.0:
+            raise ValueError(f"SgdRun: momentum must be in [0, 1) and weight_decay ≥ 0, got {self.momentum}, "
+                             f"{self.weight_decay}")
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+
 @dataclass
 class TrainedModel:
     """Trained parameters θ̂, training checkpoints, and diagnostics (accuracy, ‖∇J‖)."""
