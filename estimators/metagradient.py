@@ -48,9 +48,15 @@ def replay(flat: FlatLoss, train: Split, run: SgdRun, weights: Tensor | None = N
     for t in range(run.steps):
         if keep_every and t % keep_every == 0:
             kept[t] = (theta, velocity)
-        velocity = run.momentum * velocity + _step_gradient(flat, train, run, weights, t, theta)
-        theta = theta - run.learning_rates[t] * velocity
+        theta, velocity = _sgd_step(flat, train, run, weights, t, theta, velocity)
     return theta, kept
+
+
+def _sgd_step(flat: FlatLoss, train: Split, run: SgdRun, weights: Tensor, t: int, theta: Tensor,
+              velocity: Tensor) -> tuple[Tensor, Tensor]:
+    """Step t of the run: ``(θ_{t+1}, v_{t+1})`` from ``(θ_t, v_t)``."""
+    velocity = run.momentum * velocity + _step_gradient(flat, train, run, weights, t, theta)
+    return theta - run.learning_rates[t] * velocity, velocity
 
 
 def _batch_hvp(flat: FlatLoss, train: Split, run: SgdRun, weights: Tensor, t: int, theta: Tensor,
@@ -89,8 +95,7 @@ def _segment_states(flat: FlatLoss, train: Split, run: SgdRun, weights: Tensor, 
     thetas = []
     for t in range(start, min(start + length, run.steps)):
         thetas.append(theta)
-        velocity = run.momentum * velocity + _step_gradient(flat, train, run, weights, t, theta)
-        theta = theta - run.learning_rates[t] * velocity
+        theta, velocity = _sgd_step(flat, train, run, weights, t, theta, velocity)
     return thetas
 
 

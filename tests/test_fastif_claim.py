@@ -5,11 +5,10 @@ import dataclasses
 import pytest
 
 from bench.catalog import default_registries
+from bench.claims import SOLVER_FIELDS
 from bench.config import load_suite
 from bench.planning import plan_suite
 from estimators.influence import LissaConfig
-
-SOLVER_FIELDS = ("depth", "batch_size", "repeats", "scale", "damping", "parameters")
 
 
 @pytest.mark.parametrize("suite_name", ["smoke", "default", "full"])
