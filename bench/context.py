@@ -16,6 +16,7 @@ def fit_context(task: Task, data: TaskData, base: TrainedModel, seed: int) -> Fi
         default_parameters=task.influence_parameters,
         embed=lambda split, space: task.embed(base.params, split, space),
         embedding_spaces=task.embedding_spaces, head_view_at=task.head_view,
+        recorded_run=lambda: task.recorded_run(data),
     )
 
 

@@ -25,13 +25,16 @@ from torch import Tensor, nn
 
 from bench.config import EmptyConfig
 from estimators.autodiff import FlatLoss
-from tasks.base import Checkpoint, HeadView, Params, Split
+from tasks.base import Checkpoint, HeadView, Params, RecordedRun, Split
 
 #: Capabilities an estimator may declare; the runner asks only for what is declared.
 SINGLE = "single"  # per-point scores (this protocol)
 GROUP = "group"  # scores for removing a whole group
 PARAMETER_UPDATE = "parameter-update"  # Δθ for removing / relabelling a set
 SELF_INFLUENCE = "self-influence"  # influence of a point on itself
+#: scores that predict θ̂'s own recorded run replayed with data weights (the deterministic track), not a retrain
+#: under other seeds: an estimator that declares only this runs on replay protocols alone
+REPLAY = "replay"
 
 
 def load_into(module: nn.Module, params: Params) -> nn.Module:
@@ -68,6 +71,9 @@ class FitContext:
     embedding_spaces: tuple[str, ...] = ()
     #: The task's head view at other parameters (e.g. a checkpoint's), or None where there is none.
     head_view_at: Callable[[Params], HeadView | None] | None = None
+    #: θ̂'s training run as the task records it (``task.recorded_run``), or None: the task has none, or the
+    #: estimator was given a head view (a replay needs the whole trained model).
+    recorded_run: Callable[[], RecordedRun | None] | None = None
 
     @property
     def n_train(self) -> int:

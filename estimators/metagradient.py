@@ -17,8 +17,8 @@ with θ̄_T = ∇f(θ_T) and ṽ_{T+1} = 0. The forward states are replayed from
 
 Sign: removing point i sets w_i from 1 to 0, so a first-order prediction of the change in query loss is
 ``−∂f/∂w_i``; :func:`removal_scores` returns that (ifbench's convention: positive = the point helped).
-The deep tasks' recipe gives its run as an :class:`SgdRun` (``tasks.sgd.recorded_run``). Not yet an estimator
-or protocol: the deterministic track (#26) wires it to the tasks.
+The deep tasks' recipe gives its run as an :class:`SgdRun` (``Task.recorded_run``); the ``magic`` estimator
+(:mod:`estimators.magic`) scores the deterministic track's protocols with it (:mod:`bench.groundtruth.replay`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def _batch_hvp(flat: FlatLoss, train: Split, run: SgdRun, weights: Tensor, t: in
 def metagradient(flat: FlatLoss, train: Split, run: SgdRun, queries: Split, *, weights: Tensor | None = None,
                  checkpoint_every: int = 16) -> Tensor:
     """∂ loss(θ_T, z_q) / ∂ w_i for every query and training point: ``[Q, n]`` (exact up to floating point)."""
+    return metagradient_and_end(flat, train, run, queries, weights=weights, checkpoint_every=checkpoint_every)[0]
+
+
+def metagradient_and_end(flat: FlatLoss, train: Split, run: SgdRun, queries: Split, *, weights: Tensor | None = None,
+                         checkpoint_every: int = 16) -> tuple[Tensor, Tensor]:
+    """:func:`metagradient` ``[Q, n]`` and the replayed run's final parameters θ_T ``[P]``."""
     if checkpoint_every < 1:
         raise ValueError(f"metagradient: checkpoint_every must be ≥ 1, got {checkpoint_every}")
     weights = torch.ones(len(train), dtype=run.theta0.dtype) if weights is None else weights
@@ -85,7 +91,7 @@ def metagradient(flat: FlatLoss, train: Split, run: SgdRun, queries: Split, *, w
             contribution = (velocity_bar @ batch.T) / len(idx)  # [Q, b]: ∂/∂w_i of g_t·ṽ
             weight_bar.index_add_(1, idx, contribution)
             theta_bar = theta_bar + _batch_hvp(flat, train, run, weights, t, thetas[t - start], velocity_bar)
-    return weight_bar
+    return weight_bar, theta_end
 
 
 def _segment_states(flat: FlatLoss, train: Split, run: SgdRun, weights: Tensor, start: int,

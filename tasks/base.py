@@ -98,6 +98,15 @@ class SgdRun:
         return len(self.batches)
 
 
+@dataclass(frozen=True)
+class RecordedRun:
+    """θ̂'s own training run, replayable: ``start`` holds the initial values of the parameters SGD updates
+    (model order; the others stay at the model's values) and ``run`` is the run over their flat concatenation."""
+
+    start: Params
+    run: SgdRun
+
+
 @dataclass
 class TrainedModel:
     """Trained parameters θ̂, training checkpoints, and diagnostics (accuracy, ‖∇J‖)."""
@@ -302,6 +311,16 @@ class Task(ABC):
     def adopt_retrain_state(self, state: Any) -> None:
         """Use ``state`` (not None) from :meth:`retrain_state`: the same values this task would compute itself."""
         raise NotImplementedError(f"task {self.name} returns a retrain state but does not adopt one")
+
+    def recorded_run(self, data: TaskData) -> RecordedRun | None:
+        """θ̂'s training run as a replayable :class:`RecordedRun` (MAGIC, the deterministic track), or None
+        for a task that is not trained by a recorded SGD run (a convex task is solved to its optimum)."""
+        return None
+
+    def replay_weighted(self, data: TaskData, weights: Tensor) -> list[Params]:
+        """θ̂'s own run (its initialisation, batches and learning rates) replayed once per row of data
+        ``weights [M, n]``, each point's loss multiplied by its weight: the final parameters of each."""
+        raise NotImplementedError(f"task {self.name} has no recorded SGD run to replay")
 
     def steps_per_epoch(self, n_kept: int) -> int:
         """SGD steps in one pass over ``n_kept`` points with the task's warm-retraining batch size."""

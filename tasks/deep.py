@@ -9,8 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from bench.seeding import derive_seed
-from tasks.base import EXACT, Params, Retrained, RetrainSpec, Task, TaskData, TrainedModel
-from tasks.sgd import SgdRecipe, Snapshots, StackedForward, run_sgd, run_sgd_stacked, steps_per_epoch, vmapped_forward
+from tasks.base import EXACT, Params, RecordedRun, Retrained, RetrainSpec, Task, TaskData, TrainedModel
+from tasks.sgd import (
+    SgdRecipe,
+    Snapshots,
+    StackedForward,
+    recorded_run,
+    run_sgd,
+    run_sgd_stacked,
+    steps_per_epoch,
+    vmapped_forward,
+)
 
 
 class SgdTask(Task):
@@ -66,6 +75,25 @@ class SgdTask(Task):
             "train_accuracy": self.accuracy(model, params, data.train),
             "test_accuracy": self.accuracy(model, params, data.test),
         })
+
+    def recorded_run(self, data: TaskData) -> RecordedRun:
+        """θ̂'s run as :meth:`train` makes it: its seed's initialisation and batch order, the recipe's rates."""
+        start = self.trainable(self.initial_params(self.training_seed))
+        theta0 = torch.cat([value.reshape(-1) for value in start.values()])
+        return RecordedRun(start, recorded_run(self.recipe, theta0, len(data.train),
+                                               seed=derive_seed(self.training_seed, "order")))
+
+    def replay_weighted(self, data: TaskData, weights: Tensor) -> list[Params]:
+        """Rows of ``weights [M, n]`` trained ``retrain_batch`` at a time as one stacked model; every member
+        sees θ̂'s batches (nothing is excluded, a weight of 0 silences a point)."""
+        start, seed = self.trainable(self.initial_params(self.training_seed)), derive_seed(self.training_seed, "order")
+        forward, found = self.stacked_forward(), []
+        for first in range(0, len(weights), self.retrain_batch):
+            rows = weights[first : first + self.retrain_batch].to(data.train.targets.device, self.dtype)
+            empty = [torch.tensor([], dtype=torch.long)] * len(rows)
+            found += run_sgd_stacked(forward, start, data.train, self.loss, self.recipe, seed=seed, excludes=empty,
+                                     weights=rows)
+        return found
 
     def stacked_forward(self) -> StackedForward:
         """How M models run at once (see :func:`tasks.sgd.run_sgd_stacked`): the model's own

@@ -178,6 +178,7 @@ def run_sgd_stacked(
     max_steps: int | None = None,
     constant_lr: float | None = None,
     after_step: Callable[[int, Params], None] | None = None,
+    weights: Tensor | None = None,
 ) -> list[Params]:
     """M = ``len(excludes)`` runs of :func:`run_sgd` trained together as one stacked model: member m starts
     from ``params``, skips ``excludes[m]`` and sees the batches it would see alone; the final parameters,
@@ -185,12 +186,17 @@ def run_sgd_stacked(
     equally many points, so their batches align (``[M, batch_size]`` indices each step). SGD with momentum
     and weight decay acts elementwise, so one optimizer over the stacked tensors is M independent
     optimizers; the summed loss gives each member its own gradient. Members equal lone runs up to float32
-    rounding (stacked kernels sum in another order)."""
+    rounding (stacked kernels sum in another order). ``weights [M, n]`` (optional) multiply each member's
+    per-example losses, the batch mean still dividing by the batch's size: the data-weighted run MAGIC
+    differentiates (:mod:`estimators.metagradient`); a weight of 0 removes a point from its batches' gradients
+    without changing the batches."""
     n, device = len(train), train.targets.device
     sizes = sorted({len(excluded) for excluded in excludes})
     if len(sizes) != 1:
         raise ValueError(f"stacked members must leave out equally many points, got sizes {sizes}")
     total, members = total_steps(recipe, n - sizes[0], max_steps), len(excludes)
+    if weights is not None and tuple(weights.shape) != (members, n):
+        raise ValueError(f"weights must be [members, n] = [{members}, {n}], got {list(weights.shape)}")
     current = {k: v.detach().unsqueeze(0).repeat(members, *([1] * v.dim())).requires_grad_(True)
                for k, v in params.items()}
     optimizer = torch.optim.SGD(current.values(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.l2)
@@ -203,6 +209,8 @@ def run_sgd_stacked(
             group["lr"] = lr
         outputs = forward(current, train.inputs[index])
         per_example = loss(outputs.flatten(0, 1), train.targets[index].flatten()).view(index.shape)
+        if weights is not None:
+            per_example = per_example * torch.gather(weights, 1, index)
         optimizer.zero_grad(set_to_none=True)
         per_example.mean(1).sum().backward()
         optimizer.step()
