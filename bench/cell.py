@@ -78,7 +78,8 @@ def base_record(plan: Plan, planned: PlannedTask, base_model: int, protocol_plan
     suite = plan.suite
     return {
         "cell_key": cell_key, "suite": suite.name, "task": planned.spec.name, "preset": planned.spec.preset,
-        "base_model": base_model, "base_models": planned.spec.base_models,
+        "base_model": base_model,
+        "base_models": sum(protocol_plan.covers(b) for b in range(planned.spec.base_models)),
         "protocol": protocol_plan.name, "estimator": est.name, "status": "failed", "error": None,
         **({"variant_of": est.cls.name} if est.name != getattr(est.cls, "name", est.name) else {}),
         "metrics": {}, "ci": {},

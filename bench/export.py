@@ -79,7 +79,7 @@ def truth_sources(plan: Plan, records: list[Record]) -> list[TruthSource]:
     found: dict[str, TruthSource] = {}
     for planned in plan.tasks:
         for base_model in range(planned.spec.base_models):
-            for protocol in planned.protocols:
+            for protocol in (p for p in planned.protocols if p.covers(base_model)):
                 where = (planned.spec.name, base_model, protocol.name)
                 if where not in judged:
                     continue
@@ -92,7 +92,7 @@ def truth_sources(plan: Plan, records: list[Record]) -> list[TruthSource]:
                     found[key] = TruthSource(**{**found[key].__dict__,
                                                 "base_models": (*found[key].base_models, base_model)})
                     continue
-                shared = not protocol.cls.depends_on_base or planned.spec.base_models == 1
+                shared = not protocol.cls.depends_on_base or planned.spec.base_models == 1 or not protocol.covers(1)
                 name = f"{planned.spec.name}--{protocol.name}" + ("" if shared else f"--base{base_model}")
                 found[key] = TruthSource(name, planned, protocol, key, judged[where][1], (base_model,))
     return list(found.values())
@@ -157,8 +157,7 @@ def _write_truth(out: Path, source: TruthSource, arrays: dict[str, np.ndarray], 
     import copy
 
     n_queries, n_columns = arrays["actual"].shape
-    test_index = data["query_idx"] if n_queries == len(data["query_idx"]) else (
-        np.arange(n_queries) if n_queries == data["n_test"] else None)
+    test_index = _query_test_index(n_queries, data, getattr(source.protocol.config, "n_queries", 0))
     tables, layout = to_tables(arrays, test_index)
     tables.save_to_disk(str(out / TRUTH_DIR / source.name))
     task = copy.copy(data["task"])
@@ -174,6 +173,17 @@ def _write_truth(out: Path, source: TruthSource, arrays: dict[str, np.ndarray], 
             "replicate_seeds": protocol.replicate_seeds(task, seeds), "layout": layout, "meta": meta,
             "protocol_config": _plain(source.protocol.config), "task_config": _plain(source.planned.config),
             "query_test_index": test_index is not None}
+
+
+def _query_test_index(n_queries: int, data: dict[str, Any], limit: int) -> np.ndarray | None:
+    """Which test examples a truth's query rows are: the task's queries, the first ``limit`` of them (a protocol
+    that scores fewer, e.g. the replay track), or the whole test split; None where none of these fits."""
+    query_idx = data["query_idx"]
+    if n_queries == len(query_idx):
+        return query_idx
+    if limit and n_queries == min(limit, len(query_idx)):
+        return query_idx[:n_queries]
+    return np.arange(n_queries) if n_queries == data["n_test"] else None
 
 
 def _write_models(out: Path, cache: ArtifactCache, plan: Plan, records: list[Record],

@@ -60,11 +60,14 @@ def informative(record: Record) -> bool:
 
 def truth_kind(record: Record) -> str | None:
     """The kind of ground truth behind a record: ``exact`` (convex, retrained to the optimum), ``from scratch``
-    (the full recipe from a fresh start), ``fine-tune response`` (θ̂ trained on without the points), or None
+    (the full recipe from a fresh start), ``fine-tune response`` (θ̂ trained on without the points),
+    ``deterministic`` (θ̂'s own run replayed with the removed points' weights 0: no seed noise), or None
     (no retraining correlation: updates, mislabel detection)."""
     gt, config = record.groundtruth_diagnostics, record.protocol_config
     if record.ceiling in (None, 0):
         return None
+    if gt.get("deterministic"):
+        return "deterministic"
     if gt.get("exact_retraining"):
         return "exact"
     if gt.get("from_scratch") or config.get("retrain") == "scratch" or record.protocol == "loo-scratch":

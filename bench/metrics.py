@@ -55,6 +55,8 @@ _TITLES = {"pearson": "Pearson", "spearman": "Spearman", "kendall": "Kendall", "
 
 def metric_title(name: str, top_k: int = 10) -> str:
     """A metric's column title (its name where there is no shorter one)."""
+    if name.startswith("lds_drop_"):  # lds-replay's sweep columns (bench.groundtruth.replay.sweep_metric)
+        return f"LDS, {100 * float(name.removeprefix('lds_drop_')):g}% dropped"
     return f"top-{top_k} overlap" if name == "top_k_overlap" else _TITLES.get(name, name)
 
 

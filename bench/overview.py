@@ -11,9 +11,9 @@ from bench.sections import over_limit
 
 Key = tuple[str, str]
 #: Aggregates, in the order rows are sorted by: the deep headline first, then the other deep kind, then convex.
-KINDS = ("from scratch", "fine-tune response", "exact")
+KINDS = ("from scratch", "fine-tune response", "exact", "deterministic")
 KIND_TITLES = {"from scratch": "from scratch (deep)", "fine-tune response": "fine-tune response (deep)",
-               "exact": "exact (convex)"}
+               "exact": "exact (convex)", "deterministic": "deterministic replay (deep)"}
 
 
 def aggregate_columns(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJudgement]) -> dict[str, list[Key]]:
@@ -97,26 +97,38 @@ def quality_and_cost(groups: dict[Key, list[Record]],
     """``(task, estimator, quality, low, high, seconds, kind)``: per task, the mean headline / ceiling over its ranked
     columns of one kind (from scratch where the task has any, else exact, else fine-tune response), with the
     mean of the columns' interval bounds over the ceiling, against the cost of the estimator on the task: the fit
-    (once; the largest recorded) plus every scoring."""
+    (once; the largest recorded) plus every scoring. A task's deterministic columns give points of their own,
+    under ``"<task> · deterministic"``, costed on those columns alone."""
     by_kind = aggregate_columns(groups, judged)
     points = []
     for task in dict.fromkeys(key[0] for key in groups):
         kind = next((k for k in ("from scratch", "exact", "fine-tune response")
                      if any(key[0] == task for key in by_kind[k])), None)
-        if kind is None:
+        replayed = [key for key in by_kind["deterministic"] if key[0] == task]
+        task_records = [r for key, group in groups.items() if key[0] == task and key not in replayed for r in group]
+        if kind is not None:
+            columns = [key for key in by_kind[kind] if key[0] == task]
+            points += _points(task, kind, groups, columns, task_records)
+        if replayed:
+            own = [r for key in replayed for r in groups[key]]
+            points += _points(f"{task} · deterministic", "deterministic", groups, replayed, own)
+    return points
+
+
+def _points(label: str, kind: str, groups: dict[Key, list[Record]], columns: list[Key],
+            costed: list[Record]) -> list[tuple[str, str, float, float, float, float, str]]:
+    """One point per estimator with a value in every one of ``columns``, its cost from the ``costed`` records."""
+    points = []
+    for name in sorted({r.estimator for r in costed}):
+        own = [r for key in columns for r in groups[key] if r.estimator == name and value_of(r) is not None]
+        profiles = [r.profile or Profile() for r in costed if r.estimator == name and r.status == "ok"]
+        if len(own) != len(columns) or not profiles:
             continue
-        columns = [key for key in by_kind[kind] if key[0] == task]
-        task_records = [r for key, group in groups.items() if key[0] == task for r in group]
-        for name in sorted({r.estimator for r in task_records}):
-            own = [r for key in columns for r in groups[key] if r.estimator == name and value_of(r) is not None]
-            profiles = [r.profile or Profile() for r in task_records if r.estimator == name and r.status == "ok"]
-            if len(own) != len(columns) or not profiles:
-                continue
-            cost = max(p.fit_s or 0.0 for p in profiles) + sum(p.score_s or 0.0 for p in profiles)
-            bounds = [r.ci.get(headline_of(r)) or [value_of(r)] * 2 for r in own]
-            points.append((task, name, sum(value_of(r) / r.ceiling for r in own) / len(own),
-                           sum(b[0] / r.ceiling for b, r in zip(bounds, own, strict=True)) / len(own),
-                           sum(b[1] / r.ceiling for b, r in zip(bounds, own, strict=True)) / len(own), cost, kind))
+        cost = max(p.fit_s or 0.0 for p in profiles) + sum(p.score_s or 0.0 for p in profiles)
+        bounds = [r.ci.get(headline_of(r)) or [value_of(r)] * 2 for r in own]
+        points.append((label, name, sum(value_of(r) / r.ceiling for r in own) / len(own),
+                       sum(b[0] / r.ceiling for b, r in zip(bounds, own, strict=True)) / len(own),
+                       sum(b[1] / r.ceiling for b, r in zip(bounds, own, strict=True)) / len(own), cost, kind))
     return points
 
 
@@ -138,7 +150,9 @@ def render_quality_and_cost(groups: dict[Key, list[Record]], judged: dict[Key, C
     front = pareto_front(points)
     lines = ["## Quality versus cost", "",
              "Per task: the estimator's mean score / ceiling over that task's ranked columns of one kind of ground "
-             "truth (from scratch where the task has them, else exact; the kind is named in the column's title) and "
+             "truth (from scratch where the task has them, else exact"
+             + ("; its deterministic replay columns apart, as *task · deterministic*, costed on those columns alone"
+                if "deterministic" in kinds.values() else "") + "; the kind is named in the column's title) and "
              "what it cost there, its fit (once) plus all its scoring, in seconds (per base model where a task has "
              "several). An estimator is on the *Pareto front* (★) when no other is both better and cheaper on that "
              "task; the figure draws the front and each estimator's interval (the mean of its columns' 95% bounds "

@@ -22,6 +22,12 @@ class PlannedComponent:
     def runs_on(self, task: str) -> bool:
         return not self.tasks or task in self.tasks
 
+    def covers(self, base_model: int) -> bool:
+        """Whether a protocol runs on ``base_model``: all of the task's, unless its ``base_models`` option
+        (> 0) caps them (the deterministic track replays whole training runs, so it is sized apart)."""
+        limit = getattr(self.config, "base_models", 0)
+        return not limit or base_model < limit
+
 
 @dataclass(frozen=True)
 class PlannedTask:

@@ -171,7 +171,8 @@ class Runner:
         suite, name = self.suite, planned.spec.name
         task = planned.cls(planned.config, seed=keys.task_seed(suite, name), device=self.device, base_model=base_model)
         task_key = keys.task_key(suite, planned, base_model)
-        cells = [(p, e) for p in planned.protocols for e in self.plan.estimators if e.runs_on(name)]
+        protocols = [p for p in planned.protocols if p.covers(base_model)]
+        cells = [(p, e) for p in protocols for e in self.plan.estimators if e.runs_on(name)]
         predictions = {(p.name, e.name): self._prediction_key(task_key, p, e) for p, e in cells}
         cell_keys = {pair: self._cell_key(key) for pair, key in predictions.items()}
         pending = [(p, e) for p, e in cells if cell_keys[p.name, e.name] not in done]
@@ -187,7 +188,7 @@ class Runner:
             data = data_of(task)
         base, stamp = self._trained_base(task, data, task_key, label)
         truths: dict[str, GroundTruth | Failure] = {}
-        for protocol_plan in planned.protocols:
+        for protocol_plan in protocols:
             if any(q.name == protocol_plan.name for q, _ in pending):
                 if task_key in self.differing and protocol_plan.cls.depends_on_base:
                     truths[protocol_plan.name] = Failure(

@@ -72,6 +72,13 @@ def kind_paragraph(head: Record) -> list[str]:
     if kind == "from scratch":
         return ["", "**From scratch:** every retrain runs the task's full recipe from the start, with the seed and "
                 "data order of its replicate minus the removed points; no retrain starts from θ̂'s weights."]
+    if kind == "deterministic":
+        return ["", "**Deterministic replay** (MAGIC's single-model setting), apart from the seed-averaged aggregates: "
+                "every retrain replays the base model's own run from its initialisation (its seed's batches and "
+                "learning rates) with the removed points' weights set to 0, so the truth is a function of the data "
+                "weights alone. It has no seed noise: its ceiling is 1, and an estimator that replays the run "
+                "(`magic`) is not bound by a seed-noise ceiling; the others are scored as they are elsewhere, on "
+                "the same θ̂. The float32 floor below says how far kernel rounding alone moves the query losses."]
     if kind == "fine-tune response":
         return ["", f"**Fine-tune response**, not retraining from scratch: {fine_tune_text(head)}. This is close to "
                 "the proximal response that influence functions approximate (Bae et al. 2022), so it favours them "
