@@ -47,7 +47,7 @@ def replay_checks(cls: type[Estimator], config: Any, agreement: Callable[[str, f
     same = torch.allclose(part, scores[:, ::2], rtol=1e-4, atol=1e-6)
     checks.append(check("column subset", same, "a subset of columns gives those columns" if same
                         else "scores for a subset of training points differ from the full matrix's columns"))
-    actual, _ = replay_effects(task, data, base, [np.array([i]) for i in range(N_REMOVED)], data.queries,
+    actual, _ = replay_effects(task, data, base, [np.array([i]) for i in range(N_REMOVED)], data.queries, spec=None,
                                progress=False, desc="")
     pearson = float(np.nanmean(metrics.per_query(scores.numpy(), actual)["pearson"]))
     checks.append(agreement("agreement with exact replays", pearson, cls.is_baseline, "mean per-query Pearson"))

@@ -23,9 +23,9 @@ class PlannedComponent:
         return not self.tasks or task in self.tasks
 
     def covers(self, base_model: int) -> bool:
-        """Whether a protocol runs on ``base_model``: all of the task's, unless its ``base_models`` option
+        """Whether a protocol runs on ``base_model``: all of the task's, unless its ``first_base_models`` option
         (> 0) caps them (the deterministic track replays whole training runs, so it is sized apart)."""
-        limit = getattr(self.config, "base_models", 0)
+        limit = getattr(self.config, "first_base_models", 0)
         return not limit or base_model < limit
 
 

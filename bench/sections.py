@@ -74,11 +74,14 @@ def kind_paragraph(head: Record) -> list[str]:
                 "data order of its replicate minus the removed points; no retrain starts from θ̂'s weights."]
     if kind == "deterministic":
         return ["", "**Deterministic replay** (MAGIC's single-model setting), apart from the seed-averaged aggregates: "
-                "every retrain replays the base model's own run from its initialisation (its seed's batches and "
-                "learning rates) with the removed points' weights set to 0, so the truth is a function of the data "
-                "weights alone. It has no seed noise: its ceiling is 1, and an estimator that replays the run "
-                "(`magic`) is not bound by a seed-noise ceiling; the others are scored as they are elsewhere, on "
-                "the same θ̂. The float32 floor below says how far kernel rounding alone moves the query losses."]
+                "every retrain replays one recorded run (the base model's own run from its initialisation, or the "
+                "warm fine-tune from θ̂ for the `-warm` protocols; the facts name it) with its batches and learning "
+                "rates and the removed points' weights set to 0, against a control replay with every weight 1, so "
+                "the truth is a function of the data weights alone. It has no seed noise: its ceiling is 1, and an "
+                "estimator that replays the run (`magic`) is not bound by a seed-noise ceiling; the others are "
+                "scored as they are elsewhere, on the same θ̂. The facts give the float32 floor (the control "
+                "against the same run trained alone) and a smoothness probe (a 0.1% change of one weight against "
+                "that share of the point's removal effect: equal when the response is linear in the weights)."]
     if kind == "fine-tune response":
         return ["", f"**Fine-tune response**, not retraining from scratch: {fine_tune_text(head)}. This is close to "
                 "the proximal response that influence functions approximate (Bae et al. 2022), so it favours them "

@@ -180,6 +180,12 @@ class Estimator(ABC):
         effects (see module docstring). Every estimator that declares SINGLE implements it."""
         raise NotImplementedError(f"{self.name} does not provide single-point scores")
 
+    def score_replay(self, queries: Split, train_idx: Tensor, recorded: RecordedRun) -> Tensor:
+        """REPLAY: like :meth:`score`, ``[len(queries), len(train_idx)]`` float32, but predicting the
+        ``recorded`` run replayed with the points' weights at 0 (the deterministic track hands the run it
+        replays: θ̂'s own, or a warm run from θ̂)."""
+        raise NotImplementedError(f"{self.name} does not replay training runs")
+
     def score_groups(self, queries: Split, groups: Sequence[Tensor]) -> Tensor:
         """GROUP: ``[len(queries), len(groups)]`` predicted change in query loss when each whole group
         (a tensor of training indices) is removed together. Declared with ``GROUP`` in ``capabilities``."""

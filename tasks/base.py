@@ -312,14 +312,18 @@ class Task(ABC):
         """Use ``state`` (not None) from :meth:`retrain_state`: the same values this task would compute itself."""
         raise NotImplementedError(f"task {self.name} returns a retrain state but does not adopt one")
 
-    def recorded_run(self, data: TaskData) -> RecordedRun | None:
-        """θ̂'s training run as a replayable :class:`RecordedRun` (MAGIC, the deterministic track), or None
-        for a task that is not trained by a recorded SGD run (a convex task is solved to its optimum)."""
+    def recorded_run(self, data: TaskData, base: TrainedModel | None = None,
+                     spec: RetrainSpec | None = None) -> RecordedRun | None:
+        """A replayable :class:`RecordedRun` (MAGIC, the deterministic track), or None for a task that is not
+        trained by a recorded SGD run (a convex task is solved to its optimum). ``spec`` None or scratch:
+        θ̂'s own training run; warm: the warm retrain's control run from ``base`` (``spec.steps`` steps at
+        ``spec.lr_factor`` × the rate, its batch order)."""
         return None
 
-    def replay_weighted(self, data: TaskData, weights: Tensor) -> list[Params]:
-        """θ̂'s own run (its initialisation, batches and learning rates) replayed once per row of data
-        ``weights [M, n]``, each point's loss multiplied by its weight: the final parameters of each."""
+    def replay_weighted(self, data: TaskData, weights: Tensor, base: TrainedModel | None = None,
+                        spec: RetrainSpec | None = None) -> list[Params]:
+        """The run :meth:`recorded_run` gives replayed once per row of data ``weights [M, n]``, each point's
+        loss multiplied by its weight: the final parameters of each."""
         raise NotImplementedError(f"task {self.name} has no recorded SGD run to replay")
 
     def steps_per_epoch(self, n_kept: int) -> int:

@@ -76,23 +76,36 @@ class SgdTask(Task):
             "test_accuracy": self.accuracy(model, params, data.test),
         })
 
-    def recorded_run(self, data: TaskData) -> RecordedRun:
-        """θ̂'s run as :meth:`train` makes it: its seed's initialisation and batch order, the recipe's rates."""
-        start = self.trainable(self.initial_params(self.training_seed))
-        theta0 = torch.cat([value.reshape(-1) for value in start.values()])
-        return RecordedRun(start, recorded_run(self.recipe, theta0, len(data.train),
-                                               seed=derive_seed(self.training_seed, "order")))
+    def _replayed(self, base: TrainedModel | None, spec: RetrainSpec | None) -> tuple[Params, int, int | None,
+                                                                                     float | None]:
+        """``(start, order seed, max_steps, constant_lr)`` of θ̂'s own run, or of the warm run ``spec`` names."""
+        if spec is not None and spec.mode == "warm":
+            if base is None:
+                raise ValueError("a warm replay starts from θ̂: pass the base model")
+            return dict(base.params), self.warm_order_seed(spec), spec.steps, spec.lr_factor * self.recipe.lr
+        return self.trainable(self.initial_params(self.training_seed)), derive_seed(self.training_seed, "order"), \
+            None, None
 
-    def replay_weighted(self, data: TaskData, weights: Tensor) -> list[Params]:
+    def recorded_run(self, data: TaskData, base: TrainedModel | None = None,
+                     spec: RetrainSpec | None = None) -> RecordedRun:
+        """θ̂'s run as :meth:`train` makes it (its seed's initialisation and batch order, the recipe's rates),
+        or the warm control run from θ̂ that ``spec`` names."""
+        start, seed, max_steps, lr = self._replayed(base, spec)
+        theta0 = torch.cat([value.reshape(-1) for value in start.values()])
+        return RecordedRun(start, recorded_run(self.recipe, theta0, len(data.train), seed=seed, max_steps=max_steps,
+                                               constant_lr=lr))
+
+    def replay_weighted(self, data: TaskData, weights: Tensor, base: TrainedModel | None = None,
+                        spec: RetrainSpec | None = None) -> list[Params]:
         """Rows of ``weights [M, n]`` trained ``retrain_batch`` at a time as one stacked model; every member
-        sees θ̂'s batches (nothing is excluded, a weight of 0 silences a point)."""
-        start, seed = self.trainable(self.initial_params(self.training_seed)), derive_seed(self.training_seed, "order")
+        sees the run's batches (nothing is excluded, a weight of 0 silences a point)."""
+        start, seed, max_steps, lr = self._replayed(base, spec)
         forward, found = self.stacked_forward(), []
         for first in range(0, len(weights), self.retrain_batch):
             rows = weights[first : first + self.retrain_batch].to(data.train.targets.device, self.dtype)
             empty = [torch.tensor([], dtype=torch.long)] * len(rows)
             found += run_sgd_stacked(forward, start, data.train, self.loss, self.recipe, seed=seed, excludes=empty,
-                                     weights=rows)
+                                     weights=rows, max_steps=max_steps, constant_lr=lr)
         return found
 
     def stacked_forward(self) -> StackedForward:

@@ -82,12 +82,15 @@ def total_steps(recipe: SgdRecipe, n_kept: int, max_steps: int | None) -> int:
     return max_steps if max_steps is not None else recipe.epochs * steps_per_epoch(n_kept, recipe.batch_size)
 
 
-def recorded_run(recipe: SgdRecipe, theta0: Tensor, n: int, *, seed: int, max_steps: int | None = None) -> SgdRun:
+def recorded_run(recipe: SgdRecipe, theta0: Tensor, n: int, *, seed: int, max_steps: int | None = None,
+                 constant_lr: float | None = None) -> SgdRun:
     """The run :func:`run_sgd` makes from ``theta0`` (flat, over every parameter) on all ``n`` points with
-    ``seed``, as a replayable :class:`SgdRun`: the same batches, cosine rates, momentum and weight decay."""
+    ``seed``, as a replayable :class:`SgdRun`: the same batches, rates (cosine, or ``constant_lr``), momentum
+    and weight decay."""
     total = total_steps(recipe, n, max_steps)
     steps = tuple(batches(n, seed, None, recipe.batch_size, total))
-    rates = tuple(cosine_lr(recipe, step, total) for step in range(len(steps)))
+    rates = tuple(constant_lr if constant_lr is not None else cosine_lr(recipe, step, total)
+                  for step in range(len(steps)))
     return SgdRun(theta0, steps, rates, recipe.momentum, recipe.l2)
 
 

@@ -97,16 +97,21 @@ def test_published_leaderboard_has_every_estimator_on_every_cell_of_the_default_
 
 
 def test_published_deep_cells_pool_three_base_models_under_their_ceiling():
-    """Issue #10: every deep cell is repeated on ≥ 3 base models, and every ranked pooled value lies at or below
-    its pooled noise ceiling's upper bound."""
+    """Issue #10: every seed-averaged deep cell is repeated on ≥ 3 base models, a deterministic one on as many
+    as its protocol's ``first_base_models`` says (issue #26: whole replayed runs), and every ranked pooled value
+    lies at or below its pooled noise ceiling's upper bound."""
+    from bench.config import load_suite
     from bench.pooling import pool_base_models
 
     records = _published_records()
+    caps = {p.name: dict(p.options).get("first_base_models") for p in load_suite("default").protocols}
     deep = {}
     for r in records:
         if r["task"] != "mnist-logreg":
             deep.setdefault((r["task"], r["protocol"], r["estimator"]), set()).add(r["base_model"])
-    assert deep and all(len(bases) >= 3 for bases in deep.values())
+    assert deep and all(len(bases) == caps[key[1]] if caps.get(key[1]) else len(bases) >= 3
+                        for key, bases in deep.items())
+    assert any(caps.get(key[1]) for key in deep)  # the deterministic track is published
     ranked = [r for r in pool_base_models(records) if r.status == "ok" and r.informative
               and r.groundtruth_diagnostics.get(f"ceiling_{r.headline}_ci")]
     assert any(r.task != "mnist-logreg" for r in ranked)

@@ -49,27 +49,51 @@ def test_the_recorded_run_replays_to_the_trained_model(tiny):
 
 
 def test_weighted_replays_are_the_run_magic_differentiates(tiny):
-    """replay_effects' Δ from θ̂ equals the loss change of the functional replay with those weights at 0."""
+    """Between two removals, replay_effects' Δ differ as the functional replay's losses with those weights at 0.
+
+    Columns are compared with each other (each Δ is against the stacked control, whose own rounding can flip a
+    ReLU or max-pool branch of this tiny net: the control is checked by the floor's diagnostic instead)."""
     task, data, base = tiny
     removals = [np.array([0, 5, 9]), np.array([2]), np.arange(10, 30)]
-    effects, diagnostics = replay_effects(task, data, base, removals, data.queries, progress=False, desc="")
+    effects, diagnostics = replay_effects(task, data, base, removals, data.queries, spec=None, progress=False, desc="")
     recorded = task.recorded_run(data)
     flat = _flat(task, recorded)
 
-    def losses(weights):
-        theta, _ = replay(flat, data.train, recorded.run, weights)
-        return flat.batch_losses(theta, data.queries.inputs, data.queries.targets).double()
-
-    control = losses(torch.ones(len(data.train)))
-    for column, removed in enumerate(removals):
+    def losses(removed):
         weights = torch.ones(len(data.train))
         weights[torch.as_tensor(removed)] = 0.0
-        expected = (losses(weights) - control).numpy()
-        np.testing.assert_allclose(effects[:, column], expected, rtol=0, atol=1e-5)
+        theta, _ = replay(flat, data.train, recorded.run, weights)
+        return flat.batch_losses(theta, data.queries.inputs, data.queries.targets).double().numpy()
+
+    functional = [losses(removed) for removed in removals]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        np.testing.assert_allclose(effects[:, a] - effects[:, b], functional[a] - functional[b], rtol=0, atol=1e-5)
     assert np.abs(effects[:, 2]).max() > 1e-3  # dropping 20 of 64 points moves the losses: not zeros compared
-    assert diagnostics["deterministic"] == 1.0 and diagnostics["replay_models"] == len(removals) + 1
-    # the floor (stacked vs lone kernels; a rounding can flip a ReLU or max-pool branch) stays below the effects
-    assert 0 < diagnostics["control_vs_base_rms"] < diagnostics["effect_rms"] / 10
+    assert diagnostics["deterministic"] == 1.0 and diagnostics["replay_models"] == len(removals) + 4
+    assert diagnostics["control_vs_lone_rms"] < diagnostics["effect_rms"] / 10  # the floor below the effects
+    assert diagnostics["probe_rms"] > 0 and diagnostics["warm"] == 0.0
+
+
+def test_a_warm_replay_starts_from_the_trained_model_and_is_what_magic_differentiates(tiny):
+    """recipe = "warm": the run starts at θ̂ with a constant 0.1× rate; magic's scores are its metagradient."""
+    task, data, base = tiny
+    protocol = LooReplay(LooReplayConfig(recipe="warm", n_removed=4, n_queries=3), seed=0)
+    spec = protocol.replay_spec(task, data)
+    recorded = task.recorded_run(data, base, spec)
+    trained = torch.cat([base.params[name].reshape(-1) for name in recorded.start])
+    assert torch.equal(recorded.run.theta0, trained) and recorded.run.steps == 4  # one epoch of 64 in batches of 16
+    assert set(recorded.run.learning_rates) == {0.1 * task.recipe.lr}
+    control = task.replay_weighted(data, torch.ones(1, len(data.train)), base, spec)[0]
+    theta, _ = replay(_flat(task, recorded), data.train, recorded.run)
+    replayed = torch.cat([control[name].reshape(-1) for name in recorded.start])
+    assert float((theta - replayed).norm() / (replayed - trained).norm()) < 1e-4  # the same run, and it moved
+    estimator = Magic()
+    estimator.fit(fit_context(task, data, base, seed=0))
+    index = torch.arange(6)
+    expected = removal_scores(_flat(task, recorded), data.train, recorded.run, data.queries, checkpoint_every=32)
+    torch.testing.assert_close(estimator.score_replay(data.queries, index, recorded), expected[:, index].float())
+    own = estimator.score(data.queries, index)
+    assert not torch.allclose(own, expected[:, index].float())  # θ̂'s own run is another run: another answer
 
 
 def test_magic_scores_are_the_negated_metagradient_of_the_recorded_run(tiny):
@@ -90,6 +114,8 @@ def test_bad_replay_options_are_refused_naming_the_value():
         LdsReplayConfig(drop_fraction=1.5)
     with pytest.raises(ValueError, match="sweep fractions must be distinct"):
         LdsReplayConfig(drop_fraction=0.05, sweep=(0.05, 0.5))
+    with pytest.raises(ValueError, match=r"unknown recipe 'cold'\. Valid recipes: scratch, warm"):
+        LooReplayConfig(recipe="cold")
     with pytest.raises(ValueError, match="n_removed must be ≥ 2"):
         LooReplayConfig(n_removed=1)
     with pytest.raises(ValueError, match="mnist-logreg is convex"):
@@ -126,7 +152,7 @@ def test_the_deterministic_track_end_to_end(tmp_path):
         batch_size = 32
         retrain_batch = 4
         base_models = 2
-        protocols = ["lds-replay", "loo-replay", "lds"]
+        protocols = ["lds-replay", "loo-replay", "lds-replay-warm", "lds"]
         [[protocols]]
         name = "lds-replay"
         n_subsets = 4
@@ -138,19 +164,28 @@ def test_the_deterministic_track_end_to_end(tmp_path):
         n_removed = 4
         n_queries = 3
         [[protocols]]
+        name = "lds-replay-warm"
+        n_subsets = 4
+        n_queries = 3
+        drop_fraction = 0.05
+        sweep = [0.5]
+        [[protocols]]
         name = "lds"
         n_subsets = 4
     """))
     results = tmp_path / "r"
     assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 0
     records = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
-    replayed = [r for r in records if r["protocol"].endswith("-replay")]
+    replayed = [r for r in records if "replay" in r["protocol"]]
     assert {r["base_model"] for r in replayed} == {0} and {r["base_models"] for r in replayed} == {1}
     assert {r["base_model"] for r in records if r["protocol"] == "lds"} == {0, 1}
     magic = {r["protocol"]: r for r in records if r["estimator"] == "magic" and r["base_model"] == 0}
     assert magic["lds"]["status"] == "not-applicable" and "magic provides replay" in magic["lds"]["error"]
     assert magic["lds-replay"]["status"] == "ok" and magic["lds-replay"]["n_queries"] == 3
     assert set(magic["lds-replay"]["metrics"]) == {"lds", "lds_drop_0.5"} and magic["lds-replay"]["ceiling"] == 1.0
+    # 3 steps at 0.1× the rate: linear in the weights far below the effects, so 4 subsets rank right (0.5: room
+    # for one swapped pair of near-equal effects)
+    assert magic["lds-replay-warm"]["status"] == "ok" and magic["lds-replay-warm"]["metrics"]["lds"] > 0.5
     board = (results / "leaderboard.md").read_text()
     assert "score / ceiling: deterministic replay (deep)" in board and "**Deterministic replay**" in board
     assert "mnist-resnet · deterministic (deterministic)" in board

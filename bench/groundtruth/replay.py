@@ -4,15 +4,19 @@ Ilyas & Engstrom (2025, "MAGIC") fix a training run (initialisation and batch or
 loss after the run depends on each training point's weight in it. Here every retrain replays the base
 model's own run from scratch (its seed's initialisation, its batches, the recipe's learning rates, momentum
 and weight decay) with the removed points' weights set to 0; nothing else changes, so the truth is a
-function of the data weights alone and has no seed noise: its ceiling is 1. Δ = loss(replay) − loss(θ̂).
-Replays train several at a time as one stacked model, whose kernels round differently from θ̂'s own run;
-one control replay (all weights 1) measures that difference, recorded as the float32 floor of the truth.
+function of the data weights alone and has no seed noise: its ceiling is 1. Δ = loss(replay) − loss(control),
+the control replayed with every weight 1 on the same stacked trainer (its members are bit-identical whatever
+their position in a stack). ``recipe = "warm"`` replays the warm fine-tune from θ̂ instead (``warm_epochs`` at
+``warm_lr_factor`` × the rate: the control run of the warm protocols). Two diagnostics say whether a first-order
+method can reach the truth: the smoothness probe (one weight moved by 1e-3, against that share of the point's
+removal: equal for a response linear in the weights, far apart for a chaotic run) and the float32 floor (the
+control against the same run trained alone, whose kernels round differently).
 
 - ``lds-replay``: LDS over random subsets that drop ``drop_fraction`` of the training set (the headline;
   MAGIC's small-fraction regime), with the ``sweep`` fractions as further columns;
 - ``loo-replay``: leave-one-out, each removed point's weight set to 0.
 
-Both score the first ``n_queries`` queries and run on the first ``base_models`` base models (each replay is a
+Both score the first ``n_queries`` queries and run on the first ``first_base_models`` base models (each replay is a
 full training run: the track is sized apart from the seed-averaged one).
 """
 
@@ -40,17 +44,24 @@ from bench.groundtruth.base import (
     unpack_groups,
 )
 from bench.groundtruth.loo import check_removals, plan_removals
-from bench.groundtruth.retraining import check_at_least
+from bench.groundtruth.retraining import check_at_least, check_lr_factor, check_warm_epochs, warm_steps
 from bench.records import Fact, fact
 from bench.registry import registered
 from bench.seeding import rng
 from estimators.base import GROUP, REPLAY, SINGLE
-from tasks.base import Split, Task, TaskData, TrainedModel
+from tasks.base import RecordedRun, RetrainSpec, Split, Task, TaskData, TrainedModel
+
+#: The runs a replay protocol can replay: θ̂'s own training from scratch, or a warm fine-tune from θ̂.
+RECIPES = ("scratch", "warm")
 
 
-def check_replay_sizes(n_queries: int, base_models: int) -> None:
-    check_at_least("n_queries", n_queries, 0, "0 scores every query")
-    check_at_least("base_models", base_models, 0, "0 runs on every base model")
+def check_replay(config: LdsReplayConfig | LooReplayConfig) -> None:
+    check_at_least("n_queries", config.n_queries, 0, "0 scores every query")
+    check_at_least("first_base_models", config.first_base_models, 0, "0 runs on every base model")
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}. Valid recipes: {', '.join(RECIPES)}")
+    check_warm_epochs(config.warm_epochs)
+    check_lr_factor("warm_lr_factor", config.warm_lr_factor)
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -66,7 +77,10 @@ class LdsReplayConfig:
     sweep: tuple[float, ...] = (0.05, 0.5)
     n_subsets: int = 12
     n_queries: int = 16
-    base_models: int = 1
+    first_base_models: int = 1
+    recipe: str = "scratch"
+    warm_epochs: float = 1.0
+    warm_lr_factor: float = 0.1
 
     def __post_init__(self) -> None:
         check_fraction("drop_fraction", self.drop_fraction)
@@ -76,7 +90,7 @@ class LdsReplayConfig:
             raise ValueError(f"sweep fractions must be distinct and differ from drop_fraction = {self.drop_fraction}, "
                              f"got {list(self.sweep)}")
         check_at_least("n_subsets", self.n_subsets, 3, "a rank correlation across subsets")
-        check_replay_sizes(self.n_queries, self.base_models)
+        check_replay(self)
 
 
 @dataclass(frozen=True)
@@ -85,39 +99,74 @@ class LooReplayConfig:
 
     n_removed: int = 12
     n_queries: int = 16
-    base_models: int = 1
+    first_base_models: int = 1
+    recipe: str = "scratch"
+    warm_epochs: float = 1.0
+    warm_lr_factor: float = 0.1
 
     def __post_init__(self) -> None:
         check_at_least("n_removed", self.n_removed, 2, "a correlation across removals needs two")
-        check_replay_sizes(self.n_queries, self.base_models)
+        check_replay(self)
+
+
+#: The weight change of the smoothness probe: one point's weight 1 → 1 − PROBE in the first stack.
+PROBE = 1e-3
 
 
 def replay_effects(task: Task, data: TaskData, base: TrainedModel, removals: list[np.ndarray], queries: Split, *,
-                   progress: bool, desc: str) -> tuple[np.ndarray, dict[str, float]]:
-    """``[Q, R]`` query-loss changes from θ̂ when the points of each removal get weight 0 in θ̂'s replayed run,
-    and the replays' diagnostics. The first stack also carries a control (all weights 1): its distance from θ̂
-    (the same run, stacked kernels) is the float32 floor of every Δ."""
+                   spec: RetrainSpec | None, progress: bool, desc: str) -> tuple[np.ndarray, dict[str, float]]:
+    """``[Q, R]`` query-loss changes when the points of each removal get weight 0 in the replayed run (θ̂'s
+    own for ``spec`` None, else the warm run ``spec`` names), each against a control replay (all weights 1) on
+    the same stacked trainer, and the replays' diagnostics. The first stack also carries the smoothness probe
+    (training point 0's weight at 1 − PROBE and at 0); one lone control measures the stacked kernels' floor."""
     model = task.build_model()
-    with torch.no_grad():
-        own = task.per_example_loss(model, base.params, queries).cpu().double().numpy()
-    rows = [None, *removals]  # None: the control
-    losses, bar = [], tqdm(total=len(removals), desc=desc, unit="replay", disable=not progress, leave=False)
+    probe_down, probe_out = np.ones(len(data.train)), np.ones(len(data.train))
+    probe_down[0], probe_out[0] = 1 - PROBE, 0.0
+    rows = [np.ones(len(data.train)), probe_down, probe_out]
+    rows += [_without(len(data.train), removed) for removed in removals]
+    losses, bar = [], tqdm(total=len(rows) + 1, desc=desc, unit="replay", disable=not progress, leave=False)
     for first in range(0, len(rows), task.retrain_batch):
-        chunk = rows[first : first + task.retrain_batch]
-        weights = torch.ones(len(chunk), len(data.train))
-        for row, removed in enumerate(chunk):
-            if removed is not None:
-                weights[row, torch.as_tensor(removed, dtype=torch.long)] = 0.0
-        trained = task.replay_weighted(data, weights)
-        with torch.no_grad():
-            losses += [task.per_example_loss(model, params, queries).cpu().double().numpy() for params in trained]
-        bar.update(sum(removed is not None for removed in chunk))
+        chunk = torch.as_tensor(np.stack(rows[first : first + task.retrain_batch]), dtype=torch.float32)
+        losses += _query_losses(task, model, task.replay_weighted(data, chunk, base, spec), queries)
+        bar.update(len(chunk))
+    lone = _query_losses(task, model, task.replay_weighted(data, torch.ones(1, len(data.train)), base, spec), queries)
+    bar.update(1)
     bar.close()
-    effects = np.stack(losses[1:], axis=1) - own[:, None]
+    control = losses[0]
+    effects = np.stack(losses[3:], axis=1) - control[:, None]
+    linear = PROBE * (losses[2] - control)  # the probe's first-order prediction from point 0's removal
     return effects, {"deterministic": 1.0, "exact_retraining": 0.0, "seeds": 1.0,
-                     "replay_steps": float(task.recorded_run(data).run.steps), "replay_models": float(len(rows)),
-                     "control_vs_base_rms": float(np.sqrt(np.mean((losses[0] - own) ** 2))),
-                     "effect_rms": float(np.sqrt(np.mean(effects ** 2)))}
+                     "replay_steps": float(task.recorded_run(data, base, spec).run.steps),
+                     "replay_models": float(len(rows) + 1), "warm": float(spec is not None),
+                     "control_vs_lone_rms": _rms(control - lone[0]), "effect_rms": _rms(effects),
+                     "probe_rms": _rms(losses[1] - control), "probe_linear_rms": _rms(linear)}
+
+
+def _without(n: int, removed: np.ndarray) -> np.ndarray:
+    weights = np.ones(n)
+    weights[np.asarray(removed, dtype=np.int64)] = 0.0
+    return weights
+
+
+def _query_losses(task: Task, model: torch.nn.Module, trained: list, queries: Split) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [task.per_example_loss(model, params, queries).cpu().double().numpy() for params in trained]
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.asarray(values) ** 2)))
+
+
+class _ReplayScores:
+    """A REPLAY estimator seen as a SINGLE one: ``score`` predicts the protocol's replayed run."""
+
+    capabilities = frozenset({SINGLE})
+
+    def __init__(self, estimator, recorded: RecordedRun):
+        self.estimator, self.recorded = estimator, recorded
+
+    def score(self, queries: Split, train_idx: torch.Tensor) -> torch.Tensor:
+        return self.estimator.score_replay(queries, train_idx, self.recorded)
 
 
 class ReplayProtocol(ScoreMatrixProtocol):
@@ -131,6 +180,21 @@ class ReplayProtocol(ScoreMatrixProtocol):
             raise ValueError(f"{cls.name}: {task.name} is convex (solved to its optimum, not trained by a recorded "
                              "SGD run): use 'lds' or 'loo', whose retraining is exact already")
 
+    def replay_spec(self, task: Task, data: TaskData) -> RetrainSpec | None:
+        """None: θ̂'s own run from scratch; else the warm run from θ̂ (``warm_epochs`` at ``warm_lr_factor``)."""
+        if self.config.recipe == "scratch":
+            return None
+        return RetrainSpec("warm", 0, warm_steps(task, len(data.train), self.config.warm_epochs),
+                           self.config.warm_lr_factor)
+
+    def replaying(self, ev: Evaluation) -> Evaluation:
+        """``ev`` on the first ``n_queries`` queries, a REPLAY estimator scoring the run this protocol replays."""
+        ev = replace(ev, queries=self.query_split(ev.queries))
+        if ev.estimator is None or REPLAY not in ev.estimator.capabilities:
+            return ev
+        recorded = ev.task.recorded_run(ev.data, ev.base, self.replay_spec(ev.task, ev.data))
+        return replace(ev, estimator=_ReplayScores(ev.estimator, recorded))
+
     def query_split(self, queries: Split) -> Split:
         count = self.config.n_queries or len(queries)
         return queries.subset(torch.arange(min(count, len(queries))))
@@ -140,13 +204,18 @@ class ReplayProtocol(ScoreMatrixProtocol):
 
     def facts(self, truth: GroundTruth) -> list[Fact]:
         gt = truth.diagnostics
+        run = (f"a warm run from θ̂ ({self.config.warm_epochs:g} epoch at {self.config.warm_lr_factor:g}× the rate, "
+               f"{int(gt['replay_steps'])} SGD steps)" if gt.get("warm") else
+               f"θ̂'s own run from scratch ({int(gt['replay_steps'])} SGD steps from its initialisation)")
         return [*super().facts(truth),
-                fact("every retrain replays θ̂'s own run ({} SGD steps from its initialisation, its batches) with the "
-                     "removed points' weights set to 0: {} replays, the control included", int(gt["replay_steps"]),
-                     int(gt["replay_models"])),
-                fact("float32 floor: a control replay (all weights 1, stacked kernels) differs from θ̂ itself by "
-                     "RMS {} in query loss; the columns' effects have RMS {}", f"{gt['control_vs_base_rms']:.2e}",
-                     f"{gt['effect_rms']:.2e}")]
+                fact("every retrain replays {} with its batches and the removed points' weights set to 0, against a "
+                     "control replay with every weight 1: {} replays in all", run, int(gt["replay_models"])),
+                fact("smoothness probe: one training point's weight 1 → {} moves the query losses by RMS {}; the "
+                     "linear response (that fraction of the point's removal effect) would move them by RMS {}",
+                     f"{1 - PROBE:g}", f"{gt['probe_rms']:.2e}", f"{gt['probe_linear_rms']:.2e}"),
+                fact("float32 floor: the control trained on the stacked trainer differs from the same run trained "
+                     "alone by RMS {} in query loss; the columns' effects have RMS {}",
+                     f"{gt['control_vs_lone_rms']:.2e}", f"{gt['effect_rms']:.2e}")]
 
 
 @registered("lds-replay")
@@ -177,7 +246,8 @@ class LdsReplay(ReplayProtocol):
                 executor: Executor | None = None) -> GroundTruth:
         removed = self.plan(len(data.train))
         effects, diagnostics = replay_effects(task, data, base, removed, self.query_split(data.queries),
-                                              progress=progress, desc=f"lds-replay replays [{task.name}]")
+                                              spec=self.replay_spec(task, data), progress=progress,
+                                              desc=f"lds-replay replays [{task.name}]")
         diagnostics.update(drop_fraction=self.config.drop_fraction, n_subsets=float(self.config.n_subsets))
         return GroundTruth(self.name, np.array([], dtype=np.int64), effects, diagnostics, None, pack_groups(removed))
 
@@ -185,7 +255,7 @@ class LdsReplay(ReplayProtocol):
         return [np.arange(self.config.n_subsets)]
 
     def predict(self, ev: Evaluation) -> np.ndarray:
-        return predict_group_removals(_on_queries(ev, self.query_split(ev.queries)), unpack_groups(ev.truth.extra))
+        return predict_group_removals(self.replaying(ev), unpack_groups(ev.truth.extra))
 
     def add_columns(self, result: CellResult, predicted: np.ndarray, truth: GroundTruth, settings: Settings) -> None:
         m = self.config.n_subsets
@@ -216,13 +286,14 @@ class LooReplay(ReplayProtocol):
                 executor: Executor | None = None) -> GroundTruth:
         removed = plan_removals(len(data.train), self.config.n_removed, self.seed)
         effects, diagnostics = replay_effects(task, data, base, [np.array([i]) for i in removed],
-                                              self.query_split(data.queries), progress=progress,
-                                              desc=f"loo-replay replays [{task.name}]")
+                                              self.query_split(data.queries), spec=self.replay_spec(task, data),
+                                              progress=progress, desc=f"loo-replay replays [{task.name}]")
         return GroundTruth(self.name, removed, effects, diagnostics)
 
     def predict(self, ev: Evaluation) -> np.ndarray:
         index = torch.as_tensor(ev.truth.train_idx, dtype=torch.long, device=ev.data.train.targets.device)
-        return checked(ev.estimator.score(self.query_split(ev.queries), index), ev.truth.actual.shape)
+        ev = self.replaying(ev)
+        return checked(ev.estimator.score(ev.queries, index), ev.truth.actual.shape)
 
 
 def sweep_metric(fraction: float) -> str:
@@ -230,5 +301,26 @@ def sweep_metric(fraction: float) -> str:
     return f"lds_drop_{fraction:g}"
 
 
-def _on_queries(ev: Evaluation, queries: Split) -> Evaluation:
-    return replace(ev, queries=queries)
+
+@dataclass(frozen=True)
+class LdsReplayWarmConfig(LdsReplayConfig):
+    recipe: str = "warm"
+
+
+@dataclass(frozen=True)
+class LooReplayWarmConfig(LooReplayConfig):
+    recipe: str = "warm"
+
+
+@registered("lds-replay-warm")
+class LdsReplayWarm(LdsReplay):
+    """``lds-replay`` on the warm fine-tune from θ̂ (``recipe = "warm"``): a short run, cheap to replay."""
+
+    Config: ClassVar[type] = LdsReplayWarmConfig
+
+
+@registered("loo-replay-warm")
+class LooReplayWarm(LooReplay):
+    """``loo-replay`` on the warm fine-tune from θ̂ (``recipe = "warm"``)."""
+
+    Config: ClassVar[type] = LooReplayWarmConfig
