@@ -38,7 +38,8 @@ import numpy as np
 #: 3: scored against the mean of all retraining seeds; two-way bootstrap; ceiling √ρ_K.
 #: 4: bias-corrected percentiles (plain percentiles missed estimates over small column blocks).
 #: 5: estimate ± 1.96 two-way bootstrap standard errors (BC missed them too, from the other side).
-VERSION = 5
+#: 6: the deterministic track's ceiling from its float32 floor and smoothness probe (was 1).
+VERSION = 6
 CORRELATIONS = ("pearson", "spearman", "kendall")
 METRICS = (*CORRELATIONS, "top_k_overlap")
 #: A cell is *informative* when its noise ceiling's lower bound reaches this: below it, the retraining noise
@@ -144,6 +145,16 @@ def seed_agreement(name: str, replicates: np.ndarray) -> np.ndarray:
 def ceiling(name: str, replicates: np.ndarray) -> np.ndarray:
     """Per query, the best expected correlation with the K-seed mean: √ρ_K (see the module docstring): ``[Q]``."""
     return np.sqrt(spearman_brown(seed_agreement(name, replicates), len(replicates)))
+
+
+def replay_ceiling(noise_var: float, replay_effects: np.ndarray) -> np.ndarray:
+    """Per query, the best expected correlation with a replayed truth ``[Q, C]`` whose every replay carries
+    arithmetic noise of variance ``noise_var`` (what no estimator that does not reproduce the trainer's rounding
+    can predict): √(1 − noise_var / v_q), v_q the query's variance across the columns; ``[Q]`` in [0, 1]."""
+    spread = np.var(np.asarray(replay_effects, dtype=np.float64), axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reliability = np.where(spread > 0, 1.0 - noise_var / spread, np.nan)
+    return np.sqrt(np.clip(reliability, 0.0, 1.0))
 
 
 #: ``statistic(rows, columns)``: a per-query value array for the resampled query rows and column indices.

@@ -77,11 +77,15 @@ def kind_paragraph(head: Record) -> list[str]:
                 "every retrain replays one recorded run (the base model's own run from its initialisation, or the "
                 "warm fine-tune from θ̂ for the `-warm` protocols; the facts name it) with its batches and learning "
                 "rates and the removed points' weights set to 0, against a control replay with every weight 1, so "
-                "the truth is a function of the data weights alone. It has no seed noise: its ceiling is 1, and an "
-                "estimator that replays the run (`magic`) is not bound by a seed-noise ceiling; the others are "
-                "scored as they are elsewhere, on the same θ̂. The facts give the float32 floor (the control "
-                "against the same run trained alone) and a smoothness probe (a 0.1% change of one weight against "
-                "that share of the point's removal effect: equal when the response is linear in the weights)."]
+                "the truth is a function of the data weights alone, with no seed noise. What no estimator can predict "
+                "is how the trainer rounds: the *float32 floor* (the control against the same run trained alone, "
+                "whose kernels round differently) measures it, and the ceiling is √(1 − σ²/v) per query, σ² half the "
+                "floor's square (one replay's share of it, pooled over queries) and v the query's variance across "
+                "the columns, averaged as the headline is (its interval: the floor's χ² bounds and the two-way "
+                "bootstrap). Where the floor rivals the effects the run is chaotic and the column uninformative. The "
+                "estimators are scored as elsewhere, on the same θ̂ (`magic` on the replayed run itself). The "
+                "smoothness probe (a 0.1% change of one weight against that share of the point's removal effect: "
+                "equal when the response is linear in the weights) shows how far from linear the response is."]
     if kind == "fine-tune response":
         return ["", f"**Fine-tune response**, not retraining from scratch: {fine_tune_text(head)}. This is close to "
                 "the proximal response that influence functions approximate (Bae et al. 2022), so it favours them "

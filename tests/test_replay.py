@@ -15,8 +15,9 @@ import torch
 
 from bench.cli import main
 from bench.context import fit_context
-from bench.groundtruth.base import TaskShape
+from bench.groundtruth.base import GroundTruth, Settings, TaskShape
 from bench.groundtruth.replay import LdsReplay, LdsReplayConfig, LooReplay, LooReplayConfig, replay_effects
+from bench.metrics import replay_ceiling
 from estimators.autodiff import FlatLoss
 from estimators.magic import Magic
 from estimators.metagradient import removal_scores, replay
@@ -133,6 +134,38 @@ def test_the_sweep_plans_each_fraction_of_the_training_set():
     assert all(np.array_equal(a, b) for a, b in zip(protocol.plan(1000), planned, strict=True))  # from the seed
 
 
+def _replayed_truth(signal: np.ndarray, noise_sd: float, generator: np.random.Generator) -> GroundTruth:
+    """``signal [Q, C]`` plus arithmetic noise: each replay's own, and the float32 floor two runs' difference."""
+    actual = signal + generator.normal(0, noise_sd, signal.shape)
+    floor = generator.normal(0, noise_sd * np.sqrt(2), signal.shape[0])  # one per query, as replay_effects has
+    return GroundTruth("loo-replay", np.arange(signal.shape[1]), actual,
+                       {"control_vs_lone_rms": float(np.sqrt(np.mean(floor**2)))})
+
+
+def test_the_replay_ceiling_is_what_the_noise_free_effects_reach():
+    """An oracle that knows the effects without the trainer's rounding correlates with the truth at the ceiling,
+    √(1 − 0.75² / (1 + 0.75²)) = 0.8. Q = 2000 queries × C = 400 columns: the floor's variance from 2000 draws
+    has relative error √(2/2000) ≈ 0.03, moving the ceiling by about 0.007; the mean Pearson's error is below
+    0.001; 0.03 is four of the first."""
+    generator = np.random.default_rng(0)
+    signal = generator.normal(0, 1.0, (2000, 400))
+    truth = _replayed_truth(signal, 0.75, generator)
+    protocol = LooReplay(LooReplayConfig(n_removed=400), seed=0)
+    ceiling = protocol.noise_ceiling(truth, Settings(10, 50, 0))
+    oracle = protocol.measure(signal, truth, Settings(10, 50, 0)).metrics["pearson"]
+    assert abs(ceiling["ceiling_pearson"] - 0.8) < 0.03 and abs(oracle - ceiling["ceiling_pearson"]) < 0.03
+    low, high = ceiling["ceiling_pearson_ci"]
+    assert low < ceiling["ceiling_pearson"] < high and ceiling["informative"]
+
+
+def test_a_floor_that_rivals_the_effects_leaves_the_replayed_column_uninformative():
+    generator = np.random.default_rng(1)
+    truth = _replayed_truth(generator.normal(0, 0.1, (8, 8)), 1.0, generator)
+    ceiling = LooReplay(LooReplayConfig(n_removed=8), seed=0).noise_ceiling(truth, Settings(10, 50, 0))
+    assert ceiling["ceiling_pearson_ci"][0] < 0.2 and not ceiling["informative"]
+    assert replay_ceiling(0.0, truth.actual).tolist() == [1.0] * 8  # no noise: the ceiling is 1
+
+
 @pytest.mark.slow
 def test_the_deterministic_track_end_to_end(tmp_path):
     """Capped to one base model, magic not applicable on seed-averaged truths, its own aggregate, exportable."""
@@ -182,7 +215,9 @@ def test_the_deterministic_track_end_to_end(tmp_path):
     magic = {r["protocol"]: r for r in records if r["estimator"] == "magic" and r["base_model"] == 0}
     assert magic["lds"]["status"] == "not-applicable" and "magic provides replay" in magic["lds"]["error"]
     assert magic["lds-replay"]["status"] == "ok" and magic["lds-replay"]["n_queries"] == 3
-    assert set(magic["lds-replay"]["metrics"]) == {"lds", "lds_drop_0.5"} and magic["lds-replay"]["ceiling"] == 1.0
+    assert set(magic["lds-replay"]["metrics"]) == {"lds", "lds_drop_0.5"}
+    # six steps: the floor (~1e-7) is far below the effects, so the ceiling is near 1 and the column informative
+    assert 0.9 < magic["lds-replay"]["ceiling"] <= 1.0 and magic["lds-replay"]["informative"]
     # 3 steps at 0.1× the rate: linear in the weights far below the effects, so 4 subsets rank right (0.5: room
     # for one swapped pair of near-equal effects)
     assert magic["lds-replay-warm"]["status"] == "ok" and magic["lds-replay-warm"]["metrics"]["lds"] > 0.5

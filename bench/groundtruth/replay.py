@@ -4,13 +4,14 @@ Ilyas & Engstrom (2025, "MAGIC") fix a training run (initialisation and batch or
 loss after the run depends on each training point's weight in it. Here every retrain replays the base
 model's own run from scratch (its seed's initialisation, its batches, the recipe's learning rates, momentum
 and weight decay) with the removed points' weights set to 0; nothing else changes, so the truth is a
-function of the data weights alone and has no seed noise: its ceiling is 1. Δ = loss(replay) − loss(control),
+function of the data weights alone and has no seed noise. Δ = loss(replay) − loss(control),
 the control replayed with every weight 1 on the same stacked trainer (its members are bit-identical whatever
 their position in a stack). ``recipe = "warm"`` replays the warm fine-tune from θ̂ instead (``warm_epochs`` at
 ``warm_lr_factor`` × the rate: the control run of the warm protocols). Two diagnostics say whether a first-order
 method can reach the truth: the smoothness probe (one weight moved by 1e-3, against that share of the point's
 removal: equal for a response linear in the weights, far apart for a chaotic run) and the float32 floor (the
-control against the same run trained alone, whose kernels round differently).
+control against the same run trained alone, whose kernels round differently), which also sets the ceiling:
+what an estimator that does not reproduce the trainer's rounding can reach.
 
 - ``lds-replay``: LDS over random subsets that drop ``drop_fraction`` of the training set (the headline;
   MAGIC's small-fraction regime), with the ``sweep`` fractions as further columns;
@@ -22,11 +23,13 @@ full training run: the track is sized apart from the seed-averaged one).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 from tqdm.auto import tqdm
 
 from bench import metrics
@@ -39,6 +42,7 @@ from bench.groundtruth.base import (
     Settings,
     TaskShape,
     checked,
+    mean_over_blocks,
     pack_groups,
     predict_group_removals,
     unpack_groups,
@@ -142,6 +146,13 @@ def replay_effects(task: Task, data: TaskData, base: TrainedModel, removals: lis
                      "probe_rms": _rms(losses[1] - control), "probe_linear_rms": _rms(linear)}
 
 
+def replay_noise(diagnostics: dict[str, float]) -> float:
+    """The variance of one replay's arithmetic noise in a query loss: half the float32 floor's square (the
+    control computed twice, on the stacked trainer and alone, whose kernels round differently; pooled over
+    queries). The smoothness probe is no such measure: it compares a derivative with a secant over [0, 1]."""
+    return diagnostics["control_vs_lone_rms"] ** 2 / 2
+
+
 def _without(n: int, removed: np.ndarray) -> np.ndarray:
     weights = np.ones(n)
     weights[np.asarray(removed, dtype=np.int64)] = 0.0
@@ -170,7 +181,8 @@ class _ReplayScores:
 
 
 class ReplayProtocol(ScoreMatrixProtocol):
-    """A truth from θ̂'s replayed run: ceiling 1, no seeds; estimators score the first ``n_queries`` queries."""
+    """A truth from θ̂'s replayed run: no seeds, a ceiling from the float32 floor; estimators score the first
+    ``n_queries`` queries."""
 
     needs: ClassVar[frozenset[str]] = frozenset({SINGLE, GROUP, REPLAY})
 
@@ -199,8 +211,28 @@ class ReplayProtocol(ScoreMatrixProtocol):
         count = self.config.n_queries or len(queries)
         return queries.subset(torch.arange(min(count, len(queries))))
 
+    def noise_ceiling(self, truth: GroundTruth, settings: Settings) -> dict[str, object]:
+        """The ceiling of an estimator that does not reproduce the trainer's rounding (:func:`replay_noise`),
+        per query and block as the headline is; its 95% interval: the two-way bootstrap's lower bound at the
+        noise's upper χ² bound (Q queries' floors), its upper bound at the lower; informative as elsewhere."""
+        gt = truth.diagnostics
+        if "control_vs_lone_rms" not in gt:
+            return {}
+        noise, n = replay_noise(gt), truth.actual.shape[0]
+
+        def at(noise_var: float) -> Callable[[np.ndarray, list[np.ndarray]], np.ndarray]:
+            return lambda rows, blocks: mean_over_blocks(
+                [metrics.replay_ceiling(noise_var, truth.actual[rows][:, b]) for b in blocks])
+
+        value = float(np.nanmean(at(noise)(np.arange(n), self.blocks(truth))))
+        worst, best = n * noise / chi2.ppf(0.025, n), n * noise / chi2.ppf(0.975, n)
+        low = self._interval(at(worst), truth, settings, float(np.nanmean(at(worst)(np.arange(n), self.blocks(truth)))))[0]
+        high = self._interval(at(best), truth, settings, float(np.nanmean(at(best)(np.arange(n), self.blocks(truth)))))[1]
+        return {f"ceiling_{self.headline}": value, f"ceiling_{self.headline}_ci": [max(0.0, low), high],
+                "replay_noise_rms": float(np.sqrt(noise)), "informative": bool(low >= metrics.INFORMATIVE_CEILING)}
+
     def ceiling_of(self, truth: GroundTruth) -> float | None:
-        return 1.0
+        return truth.diagnostics.get(f"ceiling_{self.headline}")
 
     def facts(self, truth: GroundTruth) -> list[Fact]:
         gt = truth.diagnostics
