@@ -46,6 +46,20 @@ def _not_aggregated(keys: list[Key], by_kind: dict[str, list[Key]]) -> str:
             + ", ".join(others) + ".")
 
 
+UNDEFINED_NOTE = (" *undefined*: the cell ran, but its headline is not defined (a correlation with a ground truth "
+                  "or scores that do not vary across its columns).")
+
+
+def _cell_text(record: Record, value: float | None, band: int | None) -> str:
+    if value is not None:
+        return f"{num(value)} ({band})" if band else num(value)
+    if over_limit(record):
+        return "over limit"
+    if record.status == "not-applicable":
+        return "n/a"
+    return "undefined" if record.status == "ok" else "failed"
+
+
 def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJudgement]) -> list[str]:
     """Estimators × (task, protocol): each cell's headline and band; one score / ceiling per kind of ground truth."""
     keys = list(groups)
@@ -56,11 +70,7 @@ def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJud
     for key, group in groups.items():
         for record in group:
             value, band = value_of(record), judged[key].band_of(record.estimator)
-            if value is not None:
-                cells[record.estimator, key] = f"{num(value)} ({band})" if band else num(value)
-            else:
-                cells[record.estimator, key] = ("over limit" if over_limit(record) else "n/a"
-                                                if record.status == "not-applicable" else "failed")
+            cells[record.estimator, key] = _cell_text(record, value, band)
 
     def header(key: Key) -> str:
         head, state = groups[key][0], judged[key]
@@ -77,7 +87,8 @@ def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJud
              "given once per kind of ground truth, over that kind's ranked columns whose headline has a noise "
              f"ceiling ({counts}): the mean of the estimator's headline divided by the ceiling (1 on exact ground "
              "truth), for estimators with a value in every one of those columns. Rows are ordered by the first "
-             "aggregate, then the next." + _not_aggregated(keys, by_kind), "",
+             "aggregate, then the next." + _not_aggregated(keys, by_kind)
+             + (UNDEFINED_NOTE if "undefined" in cells.values() else ""), "",
              "| estimator | " + " | ".join(f"score / ceiling: {KIND_TITLES[k]}" for k in kinds) + " | "
              + " | ".join(header(k) for k in keys) + " |",
              "|---|" + "---:|" * (len(kinds) + len(keys))]

@@ -398,6 +398,8 @@ def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
         "loo-warm": "n_removed = 2", "loo-scratch": "n_removed = 2", "lds": "n_subsets = 3",
         "lds-scratch": "n_subsets = 3", "label-change": "fraction = 0.1", "mislabel": "n_ranked = 0",
         "group": "fractions = [0.1]\ngroups_per_cell = 2", "retrain-length": "n_removed = 3\nepochs = [1, 2]",
+        "lds-replay": "n_subsets = 6\nn_queries = 2\ndrop_fraction = 0.1\nsweep = []\nfirst_base_models = 1",
+        "loo-replay": "n_removed = 6\nn_queries = 2\nfirst_base_models = 1",
     }
     missing = sorted(set(lists["cifar10-resnet"]) - on_mnist_resnet)
     if missing:
@@ -412,7 +414,7 @@ def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
         assert {r["protocol"] for r in ran if r["status"] == "ok"} == set(missing)
     model_dir = write_sst2_and_tiny_bert(tmp_path)
     text = ('name = "tiny-full"\nthreads = 2\nbootstrap_resamples = 20\n'
-            'estimators = ["if-exact", "gif", "tracin", "random"]\n'
+            'estimators = ["if-exact", "gif", "tracin", "magic", "random"]\n'
             f'[[tasks]]\nname = "sst2-bert"\npreset = "smoke"\ncheckpoint = "{model_dir}"\nn_train = 32\n'
             f'n_test = 12\nn_queries = 4\nmax_length = 8\nprotocols = {json.dumps(lists["sst2-bert"])}\n')
     for protocol in lists["sst2-bert"]:

@@ -297,9 +297,13 @@ class LdsReplay(ReplayProtocol):
 
     def facts(self, truth: GroundTruth) -> list[Fact]:
         sweep = ", ".join(f"{100 * f:g}%" for f in self.config.sweep)
-        return [fact("headline LDS at drop fraction {} ({} subsets); sweep columns at {} ({} subsets each)",
-                     f"{100 * self.config.drop_fraction:g}%", self.config.n_subsets, sweep, self.config.n_subsets),
-                *super().facts(truth)]
+        headline = fact("headline LDS at drop fraction {} ({} subsets)", f"{100 * self.config.drop_fraction:g}%",
+                        self.config.n_subsets)
+        if sweep:
+            headline = fact("headline LDS at drop fraction {} ({} subsets); sweep columns at {} ({} subsets each)",
+                            f"{100 * self.config.drop_fraction:g}%", self.config.n_subsets, sweep,
+                            self.config.n_subsets)
+        return [headline, *super().facts(truth)]
 
 
 @registered("loo-replay")
