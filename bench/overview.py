@@ -46,6 +46,8 @@ def _not_aggregated(keys: list[Key], by_kind: dict[str, list[Key]]) -> str:
             + ", ".join(others) + ".")
 
 
+OVER_LIMIT_NOTE = ("; *over limit*: the method applies, a configured limit (named in the column's section) refused "
+                   "the run")
 UNDEFINED_NOTE = (" *undefined*: the cell ran, but its headline is not defined (a correlation with a ground truth "
                   "or scores that do not vary across its columns).")
 
@@ -82,8 +84,8 @@ def render_overview(groups: dict[Key, list[Record]], judged: dict[Key, ColumnJud
              "Each cell: the protocol's headline metric (higher is better) and, in brackets, the estimator's rank band "
              "in that column (uninformative columns and columns that do not separate estimators are not ranked); "
              "*n/a*: the estimator does not run there (it lacks what the protocol needs, or says it does not apply "
-             "to the task; the column's section says which); *over limit*: the method applies, a configured limit "
-             "(named in the column's section) refused the run. **Score / ceiling** is "
+             "to the task; the column's section says which)" + (OVER_LIMIT_NOTE if "over limit" in cells.values()
+                                                                   else "") + ". **Score / ceiling** is "
              "given once per kind of ground truth, over that kind's ranked columns whose headline has a noise "
              f"ceiling ({counts}): the mean of the estimator's headline divided by the ceiling (1 on exact ground "
              "truth), for estimators with a value in every one of those columns. Rows are ordered by the first "

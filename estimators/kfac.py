@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, vmap
 
 from bench.registry import registered
-from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
-from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable, OverLimit
+from estimators.autodiff import FlatLoss, select_parameters
+from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
 from tasks.base import Split
 
 FISHERS = ("true", "empirical")
@@ -37,17 +37,15 @@ FISHERS = ("true", "empirical")
 @dataclass(frozen=True)
 class KfacConfig:
     """``parameters``: names or dotted prefixes of the layers to cover (empty: every Linear and Conv2d layer
-    of the model, i.e. the whole network). ``damping`` is added to the objective's own l2. ``max_parameters``
-    bounds the covered parameters (``parameters`` can pick fewer layers). ``fisher``: "true" (the exact
-    expectation over the model's predictive distribution) or "empirical" (the gradients at the observed labels,
-    as kronfluence's ``use_empirical_fisher``)."""
+    of the model, i.e. the whole network). ``damping`` is added to the objective's own l2. ``fisher``: "true"
+    (the exact expectation over the model's predictive distribution) or "empirical" (the gradients at the
+    observed labels, as kronfluence's ``use_empirical_fisher``). No ``[n, P]`` matrix is formed: training
+    gradients are taken ``column_chunk`` points at a time (``grad_chunk`` per vectorised call), so scoring
+    holds the preconditioned queries ``[Q, P]`` and one chunk ``[column_chunk, P]``."""
 
     parameters: tuple[str, ...] = ()
     damping: float = 0.0
     fisher: str = "true"
-    #: more covered parameters than this is not applicable (per-example gradients are materialised: on rt-bert's
-    #: whole top layer, 1.8 M parameters, EK-FAC took 135 s to fit and 373 s and 12.7 GB to score LDS)
-    max_parameters: int = 500_000
     batch_size: int = 64
     grad_chunk: int = 32
     column_chunk: int = 128
@@ -55,8 +53,6 @@ class KfacConfig:
     def __post_init__(self) -> None:
         if self.fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {', '.join(map(repr, FISHERS))}, got {self.fisher!r}")
-        if self.max_parameters < 1:
-            raise ValueError(f"max_parameters must be ≥ 1, got {self.max_parameters}")
         if not self.damping >= 0 or min(self.batch_size, self.grad_chunk, self.column_chunk) < 1:
             raise ValueError(f"damping must be ≥ 0 and the chunk sizes ≥ 1, got damping={self.damping}, "
                              f"batch_size={self.batch_size}, grad_chunk={self.grad_chunk}, column_chunk={self.column_chunk}")
@@ -106,6 +102,15 @@ class Layer:
         bias = flat[:, self.offset + size : self.offset + size + self.d_out]
         return torch.cat([weight, bias[:, :, None]], dim=2)
 
+    def write(self, flat: Tensor, matrices: Tensor) -> None:
+        """Write ``[B, d_out, D]`` into this layer's slice of flat rows ``[B, P]`` (as :meth:`flatten` lays it out)."""
+        size = self.d_out * (self.d_in - (self.bias is not None))
+        if self.bias is None:
+            flat[:, self.offset : self.offset + size] = matrices.flatten(1)
+            return
+        flat[:, self.offset : self.offset + size].view(len(flat), self.d_out, -1).copy_(matrices[:, :, :-1])
+        flat[:, self.offset + size : self.offset + size + self.d_out] = matrices[:, :, -1]
+
     def flatten(self, matrices: Tensor) -> Tensor:
         """Inverse of :meth:`matrices` for this layer's slice: ``[B, d_out, D]`` → ``[B, size]``."""
         if self.bias is None:
@@ -153,38 +158,51 @@ class KroneckerInfluence(Estimator):
             raise NotApplicable("no Linear or Conv2d layer among the chosen parameters")
         covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n is not None}
         self.flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss, tuple(n for n in ctx.params if n in covered))
-        if self.flat.size > cfg.max_parameters:
-            raise OverLimit(f"{self.flat.size:,} parameters in the covered layers exceed max_parameters="
-                            f"{cfg.max_parameters:,} (per-example gradients are materialised); raise it or "
-                            "choose fewer layers with 'parameters'", limit=f"max_parameters = {cfg.max_parameters:,}")
         self.n_left_out = sum(v.numel() for v in ctx.params.values()) - self.flat.size
-        n = len(ctx.train)
+        self._fit_factors()
+        if self.eigen_corrected:
+            self._fit_eigenvalues()
+
+    def _fit_factors(self) -> None:
+        """A and S per layer, their eigenbases, and K-FAC's curvature Λ_S ⊗ Λ_A. Each batch's moments are
+        products in the model's dtype (float32 GEMMs on the deep tasks), accumulated and decomposed in float64."""
+        n = len(self.ctx.train)
         for layer in self.layers:
-            layer.a_moment = torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=ctx.device)
-            layer.s_moment = torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=ctx.device)
+            layer.a_moment = torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=self.ctx.device)
+            layer.s_moment = torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=self.ctx.device)
         for captured in self._pseudo_gradients():
             for layer, (a, s) in zip(self.layers, captured, strict=True):
-                layer.a_moment += torch.einsum("bti,btj->ij", a, a) / a.shape[1] / n
-                layer.s_moment += torch.einsum("cbti,cbtj->ij", s, s) / n
+                layer.a_moment += torch.einsum("bti,btj->ij", a, a).double() / a.shape[1] / n
+                layer.s_moment += torch.einsum("cbti,cbtj->ij", s, s).double() / n
         for layer in self.layers:
             eig_a, layer.q_a = torch.linalg.eigh(layer.a_moment)
             eig_s, layer.q_s = torch.linalg.eigh(layer.s_moment)
             layer.curvature = torch.outer(eig_s.clamp_min(0), eig_a.clamp_min(0))
-        if self.eigen_corrected:
-            for layer in self.layers:
-                layer.curvature = torch.zeros_like(layer.curvature)
-            for captured in self._pseudo_gradients():
-                for layer, (a, s) in zip(self.layers, captured, strict=True):
-                    a_rot, s_rot = a @ layer.q_a, s @ layer.q_s  # [b, t, D], [c, b, t, d_out]
-                    for first in range(0, a.shape[0], 8):  # (Q_Sᵀ G Q_A) per example and c: [c, 8, d_out, D]
-                        rotated = torch.einsum("cbti,btj->cbij", s_rot[:, first : first + 8], a_rot[first : first + 8])
-                        layer.curvature += rotated.pow(2).sum(dim=(0, 1)) / n
+
+    def _fit_eigenvalues(self) -> None:
+        """EK-FAC: the curvature in the Kronecker eigenbasis refitted to mean_z Σ_c ((Q_Sᵀ G_z,c Q_A)_ij)²,
+        rotations in the model's dtype, squares accumulated in float64."""
+        n = len(self.ctx.train)
+        for layer in self.layers:
+            layer.curvature = torch.zeros_like(layer.curvature)
+        for captured in self._pseudo_gradients():
+            for layer, (a, s) in zip(self.layers, captured, strict=True):
+                a_rot, s_rot = a @ layer.q_a.to(a.dtype), s @ layer.q_s.to(s.dtype)  # [b, t, D], [c, b, t, d_out]
+                for first in range(0, a.shape[0], 16):  # (Q_Sᵀ G Q_A) per example and c: [c, 16, d_out, D]
+                    rotated = torch.einsum("cbti,btj->cbij", s_rot[:, first : first + 16], a_rot[first : first + 16])
+                    layer.curvature += rotated.pow(2).sum(dim=(0, 1)).double() / n
 
     def _pseudo_gradients(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """Per training batch and covered layer: inputs ``[b, t, D]`` and the pseudo-gradients at its outputs
-        ``[C, b, t, d_out]`` (float64), one per eigenpair of the loss' Hessian in the model outputs (the true
+        ``[C, b, t, d_out]`` (the model's dtype), one per eigenpair of the loss' Hessian in the model outputs (the true
         Fisher), or the loss gradient alone (C = 1: the empirical Fisher)."""
-        ctx, cfg = self.ctx, self.config
+        yield from self._layer_signals(self.ctx.train, self._output_roots, self.config.batch_size)
+
+    def _layer_signals(self, split: Split, roots: Any, batch: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Per batch of ``split`` and covered layer: its inputs ``[b, t, D]`` and the gradients at its outputs
+        ``[C, b, t, d_out]`` back-propagated from each column of ``roots(outputs, targets) [b, K, C]``, in the
+        model's dtype. Examples must not interact in the forward pass (no batch statistics), as in every task."""
+        ctx = self.ctx
         params = {k: v.detach().requires_grad_(k in self.flat.names) for k, v in ctx.params.items()}
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -195,49 +213,79 @@ class KroneckerInfluence(Estimator):
 
         handles = [layer.module.register_forward_hook(hook(layer)) for layer in self.layers]
         try:
-            for start in range(0, len(ctx.train), cfg.batch_size):
-                inputs = ctx.train.inputs[start : start + cfg.batch_size]
-                targets = ctx.train.targets[start : start + cfg.batch_size]
+            for start in range(0, len(split), batch):
+                inputs, targets = split.inputs[start : start + batch], split.targets[start : start + batch]
                 store.clear()
                 outputs = functional_call(ctx.model, params, (inputs,))
-                roots = self._output_roots(outputs.detach(), targets)
+                columns = roots(outputs.detach(), targets)
                 layer_outputs = [store[layer.name][1] for layer in self.layers]
-                per_class = [torch.autograd.grad(outputs, layer_outputs, grad_outputs=roots[:, :, c], retain_graph=True)
-                             for c in range(roots.shape[2])]
-                yield [(layer.inputs(store[layer.name][0]).double(),
-                        torch.stack([layer.output_grads(grads[i]) for grads in per_class]).double())
+                per_column = [torch.autograd.grad(outputs, layer_outputs, grad_outputs=columns[:, :, c],
+                                                  retain_graph=c + 1 < columns.shape[2])
+                              for c in range(columns.shape[2])]
+                yield [(layer.inputs(store[layer.name][0]), torch.stack([layer.output_grads(g[i]) for g in per_column]))
                        for i, layer in enumerate(self.layers)]
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _loss_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[b, K, 1]``: ∇_outputs ℓ at the observed labels (back-propagated, the per-example gradients)."""
+        example_loss = lambda o, t: self.ctx.loss(o[None], t[None])[0]  # noqa: E731
+        return vmap(grad(example_loss))(outputs, targets)[:, :, None]
+
     def _output_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``[b, K, C]``: columns whose outer products sum to the Fisher's per-example factor in the model
-        outputs: √λ_c v_c for each eigenpair of ∇²_out ℓ (true Fisher), or ∇_out ℓ alone (empirical, C = 1)."""
-        example_loss = lambda o, t: self.ctx.loss(o[None], t[None])[0]  # noqa: E731
+        outputs: √λ_c v_c for each eigenpair of ∇²_out ℓ (true Fisher), or ∇_out ℓ alone (empirical, C = 1).
+        Eigenpairs zero to working precision in every example of the batch (λ ≤ K·ε·max λ: softmax cross-entropy's
+        all-ones direction, so a 2-class head has C = 1) carry nothing and are dropped, saving their backward pass."""
         if self.config.fisher == "empirical":
-            return vmap(grad(example_loss))(outputs, targets)[:, :, None]
+            return self._loss_roots(outputs, targets)
+        example_loss = lambda o, t: self.ctx.loss(o[None], t[None])[0]  # noqa: E731
         output_hessian = vmap(hessian(example_loss))(outputs, targets)
         eigenvalues, vectors = torch.linalg.eigh(output_hessian)  # [b, K], [b, K, K]
-        return vectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]
+        eigenvalues = eigenvalues.clamp_min(0)
+        tolerance = eigenvalues.shape[1] * torch.finfo(eigenvalues.dtype).eps * eigenvalues.max()
+        kept = (eigenvalues > tolerance).any(dim=0)
+        return (vectors * eigenvalues.sqrt()[:, None, :])[:, :, kept]
 
-    def inverse_hvp(self, flat_grads: Tensor) -> Tensor:
-        """``[B, P]`` → ``[B, P]``: the approximate ``H⁻¹ g`` layer by layer (float64)."""
+    def inverse_hvp(self, flat_grads: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``[B, P]`` → ``[B, P]``: the approximate ``H⁻¹ g`` layer by layer, in ``flat_grads``' dtype (float32
+        GEMMs on the deep tasks; the factors are decomposed in float64), returned as ``dtype`` (default the same)."""
         shift = self.ctx.l2 + self.config.damping
-        parts = []
+        work = flat_grads.dtype
+        solved = flat_grads.new_empty(flat_grads.shape, dtype=dtype or work)
         for layer in self.layers:
-            v = layer.matrices(flat_grads.double())
-            rotated = layer.q_s.T @ v @ layer.q_a
-            parts.append(layer.flatten(layer.q_s @ (rotated / (layer.curvature + shift)) @ layer.q_a.T))
-        return torch.cat(parts, dim=1)
+            q_s, q_a = layer.q_s.to(work), layer.q_a.to(work)
+            rotated = q_s.T @ layer.matrices(flat_grads) @ q_a
+            preconditioned = q_s @ (rotated / (layer.curvature + shift).to(work)) @ q_a.T
+            layer.write(solved, preconditioned.to(solved.dtype))
+        return solved
 
-    def _grads(self, split: Split) -> Tensor:
-        return per_example_grads(self.flat, split, chunk=self.config.grad_chunk)
+    def _grads(self, split: Split, out: Tensor | None = None) -> Tensor:
+        """Per-example gradients of the covered layers ``[len(split), P]`` (flat order), each layer's
+        Σ_positions s aᵀ from one batched backward pass per ``grad_chunk`` examples (no per-example vmap);
+        written into ``out`` (at least that many rows) when given, so chunked scoring reuses one buffer."""
+        found = out[: len(split)] if out is not None else None
+        first = 0
+        for captured in self._layer_signals(split, self._loss_roots, self.config.grad_chunk):
+            rows = captured[0][0].shape[0]
+            if found is None:
+                found = captured[0][0].new_empty(len(split), self.flat.size)
+            for layer, (a, s) in zip(self.layers, captured, strict=True):
+                layer.write(found[first : first + rows], torch.einsum("bto,bti->boi", s[0], a))
+            first += rows
+        return found if found is not None else self.flat.theta().new_zeros(0, self.flat.size)
 
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
-        solved = self.inverse_hvp(self._grads(queries)) / len(self.ctx.train)  # [Q, P] float64
-        columns = [(solved.to(grads.dtype) @ grads.T).double()
-                   for grads in (self._grads(self.ctx.train.subset(cols)) for cols in train_idx.split(self.config.column_chunk))]
+        """``[Q, len(train_idx)]``: (1/n) (H⁻¹ g_q)·g_z, the training gradients ``column_chunk`` at a time (into one
+        reused buffer) against the preconditioned queries, kept in the gradients' dtype: memory
+        O(Q·P + column_chunk·P), never [n, P]."""
+        grads = self._grads(queries)
+        solved = self.inverse_hvp(grads).div_(len(self.ctx.train))
+        del grads
+        buffer = solved.new_empty(min(self.config.column_chunk, len(train_idx)), self.flat.size)
+        columns = [solved @ self._grads(self.ctx.train.subset(cols), buffer).T
+                   for cols in train_idx.split(self.config.column_chunk)]
         return torch.cat(columns, dim=1).float()
 
     def self_influence(self, train_idx: Tensor) -> Tensor:

@@ -47,7 +47,9 @@ def test_base_models_is_a_task_key_checked_at_planning():
 def test_the_default_suite_repeats_every_deep_task_on_several_base_models():
     plan = plan_suite(load_suite("default"), default_registries(entry_points=False))
     counts = {planned.spec.name: planned.spec.base_models for planned in plan.tasks}
-    assert counts == {"mnist-logreg": 1, "mnist-resnet": 4, "rt-bert": 3}  # 4: what fits the 60-minute budget
+    # the convex task has one optimum; every deep one pools at least 3 θ̂ (an interval across base models needs them)
+    assert counts["mnist-logreg"] == 1 and set(counts) == {"mnist-logreg", "mnist-resnet", "rt-bert"}
+    assert all(counts[name] >= 3 for name in ("mnist-resnet", "rt-bert")), counts
 
 
 def test_base_models_share_the_data_and_train_from_different_seeds():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from estimators.autodiff import FlatLoss, full_hessian, per_example_grads
-from estimators.base import FitContext, NotApplicable, OverLimit
+from estimators.base import FitContext
 from estimators.kfac import Ekfac, Kfac, KfacConfig
 from tasks.base import Split
 
@@ -112,11 +112,64 @@ def test_norm_parameters_are_left_out_and_counted():
     torch.testing.assert_close(every.score(train, idx), default.score(train, idx))
 
 
-def test_too_many_parameters_is_not_applicable(regression):
-    ctx, _ = regression
-    with pytest.raises(NotApplicable, match="15 parameters in the covered layers exceed max_parameters=10") as err:
-        fitted(Kfac, ctx, max_parameters=10)
-    assert isinstance(err.value, OverLimit) and err.value.limit == "max_parameters = 10"  # a cap, not the method
+def float32_model(d_in: int, d_out: int, n: int, seed: int):
+    """A float32 Linear softmax model on random data: (ctx, queries)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d_in, d_out)
+    params = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.named_parameters()}
+    train = Split(torch.randn(n, d_in, generator=generator), torch.arange(n) % d_out)
+    loss = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    queries = Split(torch.randn(4, d_in, generator=generator), torch.arange(4) % d_out)
+    return FitContext(model, params, loss, 0.01, train, seed=0), queries
+
+
+@pytest.mark.parametrize("cls", [Kfac, Ekfac])
+def test_chunked_scores_equal_the_unchunked_ones(cls):
+    """Scores a chunk of training gradients at a time equal (1/n) (H⁻¹G_q) G_trainᵀ with every gradient at once.
+    Both are float32 inner products of length-P vectors whose training gradients differ by one rounding (a
+    Linear layer's per-example gradient is one product s·a per entry, here from the layer's signals, there from
+    vmapped autograd); Higham's bound for a length-P float32 dot product, |fl(x·y) − x·y| ≤ γ_P Σ|x_i y_i| with
+    γ_P = P·u/(1 − P·u), u = 2⁻²⁴, taken twice (once for each side) covers both."""
+    ctx, queries = float32_model(30, 5, 90, seed=3)
+    estimator = fitted(cls, ctx, column_chunk=7, grad_chunk=5)
+    chunked = estimator.score(queries, torch.arange(90))
+    train_grads = per_example_grads(estimator.flat, ctx.train, chunk=90)
+    solved = estimator.inverse_hvp(per_example_grads(estimator.flat, queries, chunk=4)).float() / 90
+    unchunked = solved @ train_grads.T
+    size, unit = estimator.flat.size, 2.0**-24
+    gamma = size * unit / (1 - size * unit)
+    bound = 2 * gamma * (solved.abs() @ train_grads.abs().T)
+    assert ((chunked - unchunked).abs() <= bound).all()
+    assert chunked.abs().max() > 100 * bound.max()  # the bound is tight enough to mean something
+
+
+@pytest.mark.slow
+def test_chunked_scoring_never_holds_an_n_by_p_matrix():
+    """P = 1.0 M parameters and n = 1,000 training points: their gradients at once would take 4.0 GB; the chunked
+    score holds the queries' [4, P] and one chunk of 64 gradients (about 0.3 GB with vmap's transients), so its
+    measured peak stays under half of that matrix."""
+    from bench.phase_cost import profiled
+
+    ctx, queries = float32_model(2000, 500, 1000, seed=4)
+    estimator = fitted(Kfac, ctx, column_chunk=64, grad_chunk=32, fisher="empirical")  # 1 backward pass, not 500
+    matrix_mb = 1000 * estimator.flat.size * 4 / 2**20
+    with profiled("cpu") as profile:
+        scores = estimator.score(queries, torch.arange(1000))
+    assert scores.shape == (4, 1000) and torch.isfinite(scores).all()
+    assert profile.rss_increase_mb < matrix_mb / 2, (profile.rss_increase_mb, matrix_mb)
+
+
+def test_layer_gradients_equal_autograd_per_example_gradients():
+    """Scoring takes each covered layer's per-example gradient as Σ_positions s aᵀ from one batched backward
+    pass: equal (float64) to vmapped autograd on a conv + GroupNorm + linear network, the norm left out."""
+    generator = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(27, 4)).double()
+    params = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64) * 0.5 for k, v in model.named_parameters()}
+    train = Split(torch.randn(11, 2, 5, 5, generator=generator, dtype=torch.float64), torch.arange(11) % 4)
+    ctx = FitContext(model, params, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), 0.01, train, seed=0)
+    estimator = fitted(Ekfac, ctx, grad_chunk=4)
+    torch.testing.assert_close(estimator._grads(train), per_example_grads(estimator.flat, train), rtol=1e-10, atol=1e-12)
 
 
 def test_the_empirical_fisher_factors_are_moments_of_the_observed_label_gradients(toy):
