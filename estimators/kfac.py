@@ -40,7 +40,7 @@ class KfacConfig:
     of the model, i.e. the whole network). ``damping`` is added to the objective's own l2. ``fisher``: "true"
     (the exact expectation over the model's predictive distribution) or "empirical" (the gradients at the
     observed labels, as kronfluence's ``use_empirical_fisher``). No ``[n, P]`` matrix is formed: training
-    gradients are taken ``column_chunk`` points at a time (``grad_chunk`` per vectorised call), so scoring
+    gradients are taken ``column_chunk`` points at a time (``grad_chunk`` per batched backward pass), so scoring
     holds the preconditioned queries ``[Q, P]`` and one chunk ``[column_chunk, P]``."""
 
     parameters: tuple[str, ...] = ()
@@ -103,19 +103,14 @@ class Layer:
         return torch.cat([weight, bias[:, :, None]], dim=2)
 
     def write(self, flat: Tensor, matrices: Tensor) -> None:
-        """Write ``[B, d_out, D]`` into this layer's slice of flat rows ``[B, P]`` (as :meth:`flatten` lays it out)."""
+        """Inverse of :meth:`matrices`: write ``[B, d_out, D]`` into this layer's slice of flat rows ``[B, P]``
+        (the weight row-major, then the bias)."""
         size = self.d_out * (self.d_in - (self.bias is not None))
         if self.bias is None:
             flat[:, self.offset : self.offset + size] = matrices.flatten(1)
             return
         flat[:, self.offset : self.offset + size].view(len(flat), self.d_out, -1).copy_(matrices[:, :, :-1])
         flat[:, self.offset + size : self.offset + size + self.d_out] = matrices[:, :, -1]
-
-    def flatten(self, matrices: Tensor) -> Tensor:
-        """Inverse of :meth:`matrices` for this layer's slice: ``[B, d_out, D]`` → ``[B, size]``."""
-        if self.bias is None:
-            return matrices.flatten(1)
-        return torch.cat([matrices[:, :, :-1].flatten(1), matrices[:, :, -1]], dim=1)
 
 
 def covered_layers(model: nn.Module, params: dict[str, Tensor], names: tuple[str, ...]) -> list[Layer]:
@@ -228,10 +223,13 @@ class KroneckerInfluence(Estimator):
             for handle in handles:
                 handle.remove()
 
+    def _example_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """ℓ of one example from its outputs ``[K]`` (for vmap)."""
+        return self.ctx.loss(outputs[None], target[None])[0]
+
     def _loss_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``[b, K, 1]``: ∇_outputs ℓ at the observed labels (back-propagated, the per-example gradients)."""
-        example_loss = lambda o, t: self.ctx.loss(o[None], t[None])[0]  # noqa: E731
-        return vmap(grad(example_loss))(outputs, targets)[:, :, None]
+        return vmap(grad(self._example_loss))(outputs, targets)[:, :, None]
 
     def _output_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``[b, K, C]``: columns whose outer products sum to the Fisher's per-example factor in the model
@@ -240,25 +238,24 @@ class KroneckerInfluence(Estimator):
         all-ones direction, so a 2-class head has C = 1) carry nothing and are dropped, saving their backward pass."""
         if self.config.fisher == "empirical":
             return self._loss_roots(outputs, targets)
-        example_loss = lambda o, t: self.ctx.loss(o[None], t[None])[0]  # noqa: E731
-        output_hessian = vmap(hessian(example_loss))(outputs, targets)
+        output_hessian = vmap(hessian(self._example_loss))(outputs, targets)
         eigenvalues, vectors = torch.linalg.eigh(output_hessian)  # [b, K], [b, K, K]
         eigenvalues = eigenvalues.clamp_min(0)
         tolerance = eigenvalues.shape[1] * torch.finfo(eigenvalues.dtype).eps * eigenvalues.max()
         kept = (eigenvalues > tolerance).any(dim=0)
         return (vectors * eigenvalues.sqrt()[:, None, :])[:, :, kept]
 
-    def inverse_hvp(self, flat_grads: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def inverse_hvp(self, flat_grads: Tensor) -> Tensor:
         """``[B, P]`` → ``[B, P]``: the approximate ``H⁻¹ g`` layer by layer, in ``flat_grads``' dtype (float32
-        GEMMs on the deep tasks; the factors are decomposed in float64), returned as ``dtype`` (default the same)."""
+        GEMMs on the deep tasks; the factors are decomposed in float64)."""
         shift = self.ctx.l2 + self.config.damping
         work = flat_grads.dtype
-        solved = flat_grads.new_empty(flat_grads.shape, dtype=dtype or work)
+        solved = torch.empty_like(flat_grads)
         for layer in self.layers:
             q_s, q_a = layer.q_s.to(work), layer.q_a.to(work)
             rotated = q_s.T @ layer.matrices(flat_grads) @ q_a
             preconditioned = q_s @ (rotated / (layer.curvature + shift).to(work)) @ q_a.T
-            layer.write(solved, preconditioned.to(solved.dtype))
+            layer.write(solved, preconditioned)
         return solved
 
     def _grads(self, split: Split, out: Tensor | None = None) -> Tensor:

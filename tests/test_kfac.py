@@ -145,9 +145,9 @@ def test_chunked_scores_equal_the_unchunked_ones(cls):
 
 @pytest.mark.slow
 def test_chunked_scoring_never_holds_an_n_by_p_matrix():
-    """P = 1.0 M parameters and n = 1,000 training points: their gradients at once would take 4.0 GB; the chunked
-    score holds the queries' [4, P] and one chunk of 64 gradients (about 0.3 GB with vmap's transients), so its
-    measured peak stays under half of that matrix."""
+    """P = 1.0 M parameters and n = 1,000 training points: their gradients at once would take 4.0 GB (7.7 GB of
+    peak when one chunk holds all of n); the chunked score holds the queries' [4, P] and one chunk of 64 gradients
+    (0.26 GB, plus the layer signals and matmul transients), so its measured peak stays under half of that matrix."""
     from bench.phase_cost import profiled
 
     ctx, queries = float32_model(2000, 500, 1000, seed=4)

@@ -296,14 +296,12 @@ class LdsReplay(ReplayProtocol):
             result.add(sweep_metric(fraction), metrics.rowwise("spearman", predicted[:, block], truth.actual[:, block]))
 
     def facts(self, truth: GroundTruth) -> list[Fact]:
-        sweep = ", ".join(f"{100 * f:g}%" for f in self.config.sweep)
-        headline = fact("headline LDS at drop fraction {} ({} subsets)", f"{100 * self.config.drop_fraction:g}%",
-                        self.config.n_subsets)
-        if sweep:
-            headline = fact("headline LDS at drop fraction {} ({} subsets); sweep columns at {} ({} subsets each)",
-                            f"{100 * self.config.drop_fraction:g}%", self.config.n_subsets, sweep,
-                            self.config.n_subsets)
-        return [headline, *super().facts(truth)]
+        text, values = "headline LDS at drop fraction {} ({} subsets)", [f"{100 * self.config.drop_fraction:g}%",
+                                                                          self.config.n_subsets]
+        if self.config.sweep:
+            text += "; sweep columns at {} ({} subsets each)"
+            values += [", ".join(f"{100 * f:g}%" for f in self.config.sweep), self.config.n_subsets]
+        return [fact(text, *values), *super().facts(truth)]
 
 
 @registered("loo-replay")
