@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from bench.seeding import derive_seed
 from estimators.base import FitContext
 from tasks.base import HeadView, Split, Task, TaskData, TrainedModel
 
@@ -17,7 +18,16 @@ def fit_context(task: Task, data: TaskData, base: TrainedModel, seed: int) -> Fi
         embed=lambda split, space: task.embed(base.params, split, space),
         embedding_spaces=task.embedding_spaces, head_view_at=task.head_view,
         recorded_run=lambda: task.recorded_run(data),
+        train_independent=lambda index: task.train(data, seed=independent_seed(task, index)).params,
     )
+
+
+def independent_seed(task: Task, index: int) -> int:
+    """The training seed of ensemble member ``index`` (≥ 1) of ``task``'s θ̂: derived from θ̂'s own, so every
+    base model has its own members and the suite's ``--seed`` reaches them."""
+    if index < 1:
+        raise ValueError(f"an independent model's index must be ≥ 1 (0 is θ̂ itself), got {index}")
+    return derive_seed(task.training_seed, "independent model", index)
 
 
 def head_view_context(task: Task, view: HeadView, train: Split, seed: int) -> FitContext:

@@ -133,6 +133,20 @@ def _selected_share_paragraph(rows: list[Record]) -> list[str]:
             "actually moved, over their cells: " + "; ".join(shown) + ".", ""]
 
 
+def _ensemble_paragraph(rows: list[Record]) -> list[str]:
+    """Each ensemble estimator's size and the training its fit paid for, per task (pooled records: means over
+    base models; every protocol of a base model shares one fit)."""
+    fits: dict[tuple[str, str], dict[str, float]] = {}
+    for record in rows:
+        found = record.estimator_diagnostics or {}
+        if record.status == "ok" and found.get("independent_models", 0) > 0:
+            fits[record.estimator, record.task] = found
+    shown = [f"`{name}` on {task}: {found['models']:.0f} models, {found['independent_models']:.0f} of them trained by "
+             f"θ̂'s recipe from their own seeds in the fit ({found.get('ensemble_training_s', float('nan')):.0f} s of "
+             "training per base model, counted in its fit time)" for (name, task), found in sorted(fits.items())]
+    return ["*Ensembles*: " + "; ".join(shown) + ".", ""] if shown else []
+
+
 @dataclass(frozen=True)
 class Board:
     """What the leaderboard shows, computed once: the pooled rows, their columns and each column's judgement."""
@@ -174,6 +188,7 @@ def render_markdown(records: Sequence[Record | Mapping[str, Any]], *, figures: d
         *COSTS,
         *_variants_paragraph(rows),
         *_selected_share_paragraph(rows),
+        *_ensemble_paragraph(rows),
     ]
     if len(groups) > 1:
         lines += render_overview(groups, judged)

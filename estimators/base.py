@@ -74,6 +74,10 @@ class FitContext:
     #: θ̂'s training run as the task records it (``task.recorded_run``), or None: the task has none, or the
     #: estimator was given a head view (a replay needs the whole trained model).
     recorded_run: Callable[[], RecordedRun | None] | None = None
+    #: ``train_independent(m)`` (m ≥ 1) → the parameters of a model trained by θ̂'s recipe on the same training data
+    #: from the m-th seed derived from θ̂'s (an ensemble member, trained anew at each call: its cost is the fit's),
+    #: or None where the context cannot train (a head view, a changed dtype).
+    train_independent: Callable[[int], Params] | None = None
 
     @property
     def n_train(self) -> int:
@@ -96,13 +100,13 @@ class FitContext:
 
     def in_dtype(self, dtype: torch.dtype) -> FitContext:
         """This context with the model, θ̂ and the training inputs in ``dtype`` (itself where they already are).
-        Checkpoints, the exact Hessian and head views stay in the task's dtype: dropped here."""
+        Checkpoints, the exact Hessian, head views and independent training stay in the task's dtype: dropped here."""
         if all(p.dtype == dtype for p in self.params.values() if p.is_floating_point()):
             return self
         params = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.params.items()}
         return dataclasses.replace(self, model=copy.deepcopy(self.model).to(dtype), params=params,
                                    train=self.train.in_dtype(dtype), checkpoints=(), exact_hessian=None,
-                                   head_view_at=None)
+                                   head_view_at=None, train_independent=None)
 
     def in_precision(self, name: str) -> FitContext:
         """:meth:`in_dtype` by a dtype's name (``"float32"``, ``"float64"``); ``""`` keeps the task's precision."""

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch import Tensor
+from torch.func import hessian, vmap
 
 from bench.registry import registered
-from estimators.autodiff import FlatLoss, select_parameters
+from estimators.autodiff import FlatLoss
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
+from estimators.layers import covered_layers, layer_gradients, layer_signals, loss_roots
 from tasks.base import Split
 
 FISHERS = ("true", "empirical")
@@ -56,87 +56,6 @@ class KfacConfig:
         if not self.damping >= 0 or min(self.batch_size, self.grad_chunk, self.column_chunk) < 1:
             raise ValueError(f"damping must be ≥ 0 and the chunk sizes ≥ 1, got damping={self.damping}, "
                              f"batch_size={self.batch_size}, grad_chunk={self.grad_chunk}, column_chunk={self.column_chunk}")
-
-
-@dataclass
-class Layer:
-    """A covered layer: its module, parameter names and offsets in the flat vector, and its factors."""
-
-    name: str
-    module: nn.Module
-    weight: str
-    bias: str | None
-    offset: int  # of the weight in the flat vector; the bias (if covered) follows the weight there
-    d_out: int
-    d_in: int  # D: inputs per output (patch size for Conv2d), plus 1 with a bias
-    a_moment: Tensor | None = None
-    s_moment: Tensor | None = None
-    q_a: Tensor | None = None
-    q_s: Tensor | None = None
-    curvature: Tensor | None = None  # [d_out, D] in the Kronecker eigenbasis
-
-    def inputs(self, captured: Tensor) -> Tensor:
-        """Layer inputs as ``[b, positions, D]`` (a column of ones last when the bias is covered)."""
-        module = self.module
-        if isinstance(module, nn.Conv2d):
-            patches = F.unfold(captured, module.kernel_size, module.dilation, module.padding, module.stride)
-            rows = patches.transpose(1, 2)
-        else:
-            rows = captured.reshape(captured.shape[0], -1, captured.shape[-1])
-        if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=2)
-        return rows
-
-    def output_grads(self, grads: Tensor) -> Tensor:
-        """Gradients at the layer's outputs as ``[b, positions, d_out]``."""
-        if isinstance(self.module, nn.Conv2d):
-            return grads.flatten(2).transpose(1, 2)
-        return grads.reshape(grads.shape[0], -1, grads.shape[-1])
-
-    def matrices(self, flat: Tensor) -> Tensor:
-        """Rows of flat gradients ``[B, P]`` → this layer's gradient matrices ``[B, d_out, D]``."""
-        size = self.d_out * (self.d_in - (self.bias is not None))
-        weight = flat[:, self.offset : self.offset + size].reshape(len(flat), self.d_out, -1)
-        if self.bias is None:
-            return weight
-        bias = flat[:, self.offset + size : self.offset + size + self.d_out]
-        return torch.cat([weight, bias[:, :, None]], dim=2)
-
-    def write(self, flat: Tensor, matrices: Tensor) -> None:
-        """Inverse of :meth:`matrices`: write ``[B, d_out, D]`` into this layer's slice of flat rows ``[B, P]``
-        (the weight row-major, then the bias)."""
-        size = self.d_out * (self.d_in - (self.bias is not None))
-        if self.bias is None:
-            flat[:, self.offset : self.offset + size] = matrices.flatten(1)
-            return
-        flat[:, self.offset : self.offset + size].view(len(flat), self.d_out, -1).copy_(matrices[:, :, :-1])
-        flat[:, self.offset + size : self.offset + size + self.d_out] = matrices[:, :, -1]
-
-
-def covered_layers(model: nn.Module, params: dict[str, Tensor], names: tuple[str, ...]) -> list[Layer]:
-    """Linear/Conv2d layers whose weight is among ``names`` (all when empty), in model order; offsets are
-    positions in the flat vector of the covered parameters alone (in ``params`` order)."""
-    chosen = set(select_parameters(params, names))
-    found = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        weight, bias = (f"{module_name}.weight", f"{module_name}.bias") if module_name else ("weight", "bias")
-        if weight in chosen:
-            found.append((module_name, module, weight, bias if bias in chosen and module.bias is not None else None))
-    covered = {n for *_, weight, bias in found for n in (weight, bias) if n is not None}
-    offsets, position = {}, 0
-    for name in params:
-        if name in covered:
-            offsets[name] = position
-            position += params[name].numel()
-    layers = []
-    for module_name, module, weight, bias in found:
-        if bias is not None and offsets[bias] != offsets[weight] + params[weight].numel():
-            raise ValueError(f"{module_name}: bias does not follow its weight in the parameter order")
-        layers.append(Layer(module_name, module, weight, bias, offsets[weight], params[weight].shape[0],
-                            params[weight][0].numel() + (bias is not None)))
-    return layers
 
 
 class KroneckerInfluence(Estimator):
@@ -194,34 +113,8 @@ class KroneckerInfluence(Estimator):
         yield from self._layer_signals(self.ctx.train, self._output_roots, self.config.batch_size)
 
     def _layer_signals(self, split: Split, roots: Any, batch: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
-        """Per batch of ``split`` and covered layer: its inputs ``[b, t, D]`` and the gradients at its outputs
-        ``[C, b, t, d_out]`` back-propagated from each column of ``roots(outputs, targets) [b, K, C]``, in the
-        model's dtype. Examples must not interact in the forward pass (no batch statistics), as in every task."""
-        ctx = self.ctx
-        params = {k: v.detach().requires_grad_(k in self.flat.names) for k, v in ctx.params.items()}
-        store: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def hook(layer: Layer) -> Any:
-            def capture(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-                store[layer.name] = (inputs[0].detach(), output)
-            return capture
-
-        handles = [layer.module.register_forward_hook(hook(layer)) for layer in self.layers]
-        try:
-            for start in range(0, len(split), batch):
-                inputs, targets = split.inputs[start : start + batch], split.targets[start : start + batch]
-                store.clear()
-                outputs = functional_call(ctx.model, params, (inputs,))
-                columns = roots(outputs.detach(), targets)
-                layer_outputs = [store[layer.name][1] for layer in self.layers]
-                per_column = [torch.autograd.grad(outputs, layer_outputs, grad_outputs=columns[:, :, c],
-                                                  retain_graph=c + 1 < columns.shape[2])
-                              for c in range(columns.shape[2])]
-                yield [(layer.inputs(store[layer.name][0]), torch.stack([layer.output_grads(g[i]) for g in per_column]))
-                       for i, layer in enumerate(self.layers)]
-        finally:
-            for handle in handles:
-                handle.remove()
+        """:func:`estimators.layers.layer_signals` at θ̂ on the covered layers."""
+        yield from layer_signals(self.ctx.model, self.ctx.params, self.flat.names, self.layers, split, roots, batch)
 
     def _example_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         """ℓ of one example from its outputs ``[K]`` (for vmap)."""
@@ -229,7 +122,7 @@ class KroneckerInfluence(Estimator):
 
     def _loss_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``[b, K, 1]``: ∇_outputs ℓ at the observed labels (back-propagated, the per-example gradients)."""
-        return vmap(grad(self._example_loss))(outputs, targets)[:, :, None]
+        return loss_roots(self.ctx.loss)(outputs, targets)
 
     def _output_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``[b, K, C]``: columns whose outer products sum to the Fisher's per-example factor in the model
@@ -259,19 +152,10 @@ class KroneckerInfluence(Estimator):
         return solved
 
     def _grads(self, split: Split, out: Tensor | None = None) -> Tensor:
-        """Per-example gradients of the covered layers ``[len(split), P]`` (flat order), each layer's
-        Σ_positions s aᵀ from one batched backward pass per ``grad_chunk`` examples (no per-example vmap);
-        written into ``out`` (at least that many rows) when given, so chunked scoring reuses one buffer."""
-        found = out[: len(split)] if out is not None else None
-        first = 0
-        for captured in self._layer_signals(split, self._loss_roots, self.config.grad_chunk):
-            rows = captured[0][0].shape[0]
-            if found is None:
-                found = captured[0][0].new_empty(len(split), self.flat.size)
-            for layer, (a, s) in zip(self.layers, captured, strict=True):
-                layer.write(found[first : first + rows], torch.einsum("bto,bti->boi", s[0], a))
-            first += rows
-        return found if found is not None else self.flat.theta().new_zeros(0, self.flat.size)
+        """Per-example gradients of the covered layers ``[len(split), P]`` (flat order), ``grad_chunk`` examples per
+        batched backward pass (:func:`estimators.layers.layer_gradients`), into ``out`` when given."""
+        return layer_gradients(self.ctx.model, self.ctx.params, self.flat.names, self.layers, split,
+                               self._loss_roots, self.config.grad_chunk, out)
 
     def score(self, queries: Split, train_idx: Tensor) -> Tensor:
         """``[Q, len(train_idx)]``: (1/n) (H⁻¹ g_q)·g_z, the training gradients ``column_chunk`` at a time (into one

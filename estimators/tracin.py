@@ -19,9 +19,13 @@ from torch import Tensor, nn
 from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
-from estimators.options import at_least
+from estimators.layers import covered_layers, in_model_order, layer_gradients, loss_roots
+from estimators.options import at_least, one_of
 from tasks.base import Params, Split
 
+#: how per-example gradients are taken: vmap over the chosen parameters, or the Linear/Conv2d layers among them
+#: from batched backward passes (:func:`estimators.layers.layer_gradients`; norms and embeddings left out)
+GRADIENTS = ("vmap", "layers")
 #: ``split ↦ (δ [b, C], x̃ [b, d'])`` with the per-example gradient δ ⊗ x̃, or None where it is not of that form.
 Factors = Callable[[Split], "tuple[Tensor, Tensor] | None"]
 
@@ -36,9 +40,19 @@ class Stage:
     factors: Factors | None = None
 
 
-def gradient_stage(ctx: FitContext, params: Params, names: tuple[str, ...], weight: float, chunk: int) -> Stage:
+def gradient_stage(ctx: FitContext, params: Params, names: tuple[str, ...], weight: float, chunk: int,
+                   gradients: str = "vmap") -> Stage:
     """Per-example gradients at ``params`` on ``names``; through the task's head view at ``params`` when
-    ``names`` are exactly the head (identical gradients, the trunk run once per split)."""
+    ``names`` are exactly the head (identical gradients, the trunk run once per split). ``gradients = "layers"``:
+    the Linear/Conv2d layers among ``names`` only, from one batched backward pass per chunk (no vmap)."""
+    if gradients == "layers":
+        params = in_model_order(ctx.model, params)  # a checkpoint may store its parameters in another order
+        layers = covered_layers(ctx.model, params, names)
+        if not layers:
+            raise NotApplicable("gradients = 'layers' needs a Linear or Conv2d layer among the chosen parameters")
+        trainable = tuple(n for layer in layers for n in (layer.weight, layer.bias) if n is not None)
+        roots = loss_roots(ctx.loss)
+        return Stage(weight, lambda split: layer_gradients(ctx.model, params, trainable, layers, split, roots, chunk))
     flat, feed = ctx.flat_at(params, names)
     factors = linear_factors(flat)
     return Stage(weight, lambda split: per_example_grads(flat, feed(split), chunk=chunk),
@@ -84,8 +98,12 @@ class GradientSimilarity(Estimator):
     def fit(self, ctx: FitContext) -> None:
         self.ctx = ctx
         self.names = tuple(self.config.parameters or ctx.default_parameters)
-        self.n_parameters = sum(ctx.params[n].numel() for n in select_parameters(ctx.params, self.names))
         self.stages = self.make_stages(ctx)
+        chosen = select_parameters(ctx.params, self.names)
+        if getattr(self.config, "gradients", "vmap") == "layers":  # the layers' weights and biases alone
+            chosen = [n for layer in covered_layers(ctx.model, ctx.params, self.names) for n in (layer.weight, layer.bias)
+                      if n is not None]
+        self.n_parameters = sum(ctx.params[n].numel() for n in chosen)
         self._train_cache: dict[tuple[int, bytes], Tensor] = {}
         self._cached_bytes = 0
 
@@ -158,11 +176,13 @@ class TracInConfig:
 
     checkpoints: tuple[int, ...] = ()
     parameters: tuple[str, ...] = ()
+    gradients: str = "vmap"
     grad_chunk: int = 64
     column_chunk: int = 1024
 
     def __post_init__(self) -> None:
         at_least(1, grad_chunk=self.grad_chunk, column_chunk=self.column_chunk)
+        one_of("gradients", self.gradients, GRADIENTS)
 
 
 @registered("tracin")
@@ -180,7 +200,7 @@ class TracIn(GradientSimilarity):
             raise ValueError(f"tracin: checkpoints {bad} out of range; the task saved {len(ctx.checkpoints)} "
                              f"(steps {[c.step for c in ctx.checkpoints]})")
         return [gradient_stage(ctx, ctx.checkpoints[i].params, self.names, ctx.checkpoints[i].learning_rate,
-                               self.config.grad_chunk) for i in chosen]
+                               self.config.grad_chunk, self.config.gradients) for i in chosen]
 
 
 @dataclass(frozen=True)
@@ -188,11 +208,13 @@ class GradDotConfig:
     """``parameters``: names or dotted prefixes (empty: the task's default subset; ``["*"]``: every parameter)."""
 
     parameters: tuple[str, ...] = ()
+    gradients: str = "vmap"
     grad_chunk: int = 64
     column_chunk: int = 1024
 
     def __post_init__(self) -> None:
         at_least(1, grad_chunk=self.grad_chunk, column_chunk=self.column_chunk)
+        one_of("gradients", self.gradients, GRADIENTS)
 
 
 @registered("grad-dot")
@@ -203,7 +225,7 @@ class GradDot(GradientSimilarity):
     uses_head_view: ClassVar[bool] = True
 
     def make_stages(self, ctx: FitContext) -> list[Stage]:
-        return [gradient_stage(ctx, ctx.params, self.names, 1.0, self.config.grad_chunk)]
+        return [gradient_stage(ctx, ctx.params, self.names, 1.0, self.config.grad_chunk, self.config.gradients)]
 
 
 @registered("grad-cos")

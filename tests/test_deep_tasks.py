@@ -431,3 +431,42 @@ def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
     undefined = [(r["protocol"], r["estimator"]) for r in records
                  if r["status"] == "ok" and r["headline"] and r["metrics"].get(r["headline"]) is None]
     assert not undefined, f"ok cells with an undefined headline metric: {undefined}"
+
+
+def test_layer_rows_on_a_bert_layer_are_exact(tmp_path):
+    """On a real (tiny) BERT layer, whose Linear layers act along the sequence: TRAK's Kronecker sketch with sides
+    as wide as the layers equals dense no-projection TRAK over the same Linear weights and biases, and grad-dot
+    from batched backward passes equals vmapped per-example gradients; a 2-model ensemble trains its second model
+    by the task's recipe from a seed of its own."""
+    from bench.context import fit_context
+    from estimators.layers import covered_layers
+    from estimators.tracin import GradDot, GradDotConfig
+    from estimators.trak import Trak, TrakConfig
+
+    model_dir = write_sst2_and_tiny_bert(tmp_path)
+    config = HubBertConfig(checkpoint=str(model_dir), data_dir=str(tmp_path), n_train=24, n_test=12, n_queries=4,
+                           max_length=8, epochs=1, batch_size=8)
+    task = Sst2Bert(config, seed=0)
+    data = task.load_data()
+    trained = fit_context(task, data, task.train(data), seed=0)
+    ctx = trained.in_dtype(torch.float64)  # the comparisons in float64: rounding (~1e-16) times κ stays far below 1e-8
+    queries = data.queries.in_dtype(torch.float64)
+    linear = tuple(n for layer in covered_layers(ctx.model, ctx.params, ()) for n in (layer.weight, layer.bias) if n)
+    assert any(n.startswith("layer.attention") for n in linear) and "classifier.weight" in linear
+    idx = torch.arange(24)
+
+    def scores(cls, context=ctx, **options):
+        estimator = cls(cls.Config(**options))
+        estimator.fit(context)
+        return estimator, estimator.score(queries if context is ctx else data.queries, idx)
+
+    _, dense = scores(Trak, parameters=linear, projection_dim=0)
+    sketch, sketched = scores(Trak, parameters=("*",), projection="kronecker", side_dim=64)
+    assert sketch.diagnostics()["features"] == sketch.diagnostics()["n_parameters"] == sum(ctx.params[n].numel() for n in linear)
+    torch.testing.assert_close(sketched, dense, rtol=1e-6, atol=1e-9)  # float32 output: within a few ulps
+    _, by_vmap = scores(GradDot, parameters=linear)
+    _, by_layers = scores(GradDot, parameters=("*",), gradients="layers", column_chunk=10)
+    torch.testing.assert_close(by_layers, by_vmap, rtol=1e-6, atol=1e-9)
+    ensemble, _ = scores(Trak, trained, parameters=("*",), projection="kronecker", side_dim=4, models=2)
+    assert ensemble.diagnostics()["models"] == 2.0 and ensemble.diagnostics()["ensemble_training_s"] > 0
+    assert TrakConfig is Trak.Config and GradDotConfig is GradDot.Config

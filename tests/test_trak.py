@@ -44,7 +44,9 @@ def test_margin_is_the_log_odds_of_the_label():
 def test_trak_without_projection_on_one_model_is_its_gauss_newton_closed_form(toy):
     trak = fitted(toy.ctx, projection_dim=0)
     scores = trak.score(toy.queries, toy.train_idx)
-    assert scores.dtype == torch.float32 and trak.diagnostics() == {"models": 1.0, "n_parameters": 15.0, "features": 15.0}
+    assert scores.dtype == torch.float32
+    assert {k: trak.diagnostics()[k] for k in ("models", "n_parameters", "features", "independent_models")} == {
+        "models": 1.0, "n_parameters": 15.0, "features": 15.0, "independent_models": 0.0}
     torch.testing.assert_close(scores.double(), closed_form(toy), rtol=1e-5, atol=1e-9)  # float32 output
     # a projection at least as wide as the parameters is no projection
     torch.testing.assert_close(fitted(toy.ctx, projection_dim=15).score(toy.queries, toy.train_idx), scores)
