@@ -229,7 +229,7 @@ def _cmd_peers(args: argparse.Namespace) -> int:
 
     rows = peers.compare(pairs, task_cls(task_cls.presets[args.preset], seed=0), threads=args.threads,
                          repeats=args.repeats, on_row=report)
-    path = peers.save(rows, args.results)
+    path = peers.save(rows, args.results, merge=args.merge)
     board = write_leaderboard(args.results, args.results / "leaderboard.md")
     print(f"ifbench: wrote {path} and {board}", file=sys.stderr)
     return 0

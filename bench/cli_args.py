@@ -112,6 +112,8 @@ def _add_peers_parser(sub: Any) -> None:
     peers.add_argument("--preset", default="default", help="task size preset (default: default)")
     peers.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is kept (default: 3)")
     peers.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    peers.add_argument("--merge", action="store_true",
+                       help="keep peers.json's rows for the pairs not compared now (each row names its commit)")
 
 
 def _add_check_estimator_parser(sub: Any) -> None:

@@ -35,6 +35,8 @@ class PeerRow:
     threads: int
     repeats: int
     error: str = ""
+    #: the commit this row was measured at (rows of a file written before rows had one: the file's commit)
+    commit: str = ""
 
     @property
     def ratio(self) -> float:
@@ -42,25 +44,50 @@ class PeerRow:
         return self.ours_s / self.peer_s if self.peer_s > 0 else float("nan")
 
 
-def save(rows: Sequence[PeerRow], results_dir: Path) -> Path:
+def save(rows: Sequence[PeerRow], results_dir: Path, *, merge: bool = False) -> Path:
+    """Write ``rows`` (stamped with this commit) to ``RESULTS/peers.json``; ``merge`` keeps the file's rows for
+    the pairs not measured now, each with the commit it was measured at, in their order, the new rows after."""
     from bench.environment import git_commit
 
+    commit = git_commit()
+    fresh = [dataclasses.replace(row, commit=commit) for row in rows]
+    kept: list[PeerRow] = []
+    if merge and (loaded := load(results_dir)) is not None:
+        measured = {_pair(row) for row in fresh}
+        kept = [row for row in loaded[0] if _pair(row) not in measured]
     path = Path(results_dir) / PEERS_FILE
-    payload = {"format": PEERS_FORMAT, "commit": git_commit(), "rows": [dataclasses.asdict(row) for row in rows]}
+    payload = {"format": PEERS_FORMAT, "commit": commit, "rows": [dataclasses.asdict(row) for row in [*kept, *fresh]]}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, sort_keys=True)))
     return path
 
 
+def _pair(row: PeerRow) -> tuple[str, str, str, str]:
+    return row.ours, row.ours_options, row.peer, row.task
+
+
 def load(results_dir: Path) -> tuple[list[PeerRow], str] | None:
-    """The rows ``ifbench peers`` saved and the commit it ran at, or None where it has not run (or wrote
-    another format)."""
+    """The rows ``ifbench peers`` saved (each with the commit it was measured at) and the file's latest commit,
+    or None where it has not run (or wrote another format)."""
     path = Path(results_dir) / PEERS_FILE
     if not path.exists():
         return None
     payload: dict[str, Any] = json.loads(path.read_text())
     if payload.get("format") != PEERS_FORMAT:
         return None
-    return [PeerRow(**row) for row in payload["rows"]], str(payload.get("commit", "unknown"))
+    commit = str(payload.get("commit", "unknown"))
+    rows = [PeerRow(**row) for row in payload["rows"]]
+    return [row if row.commit else dataclasses.replace(row, commit=commit) for row in rows], commit
+
+
+def _commits_sentence(rows: Sequence[PeerRow], commit: str) -> str:
+    """Where the rows were measured: one commit, or each commit with the pairs measured there."""
+    by_commit: dict[str, list[str]] = {}
+    for row in rows:
+        by_commit.setdefault(row.commit or commit, []).append(f"`{row.peer}`")
+    if len(by_commit) == 1:
+        return f"from `ifbench peers` at commit {next(iter(by_commit))[:12]}"
+    parts = [f"{c[:12]} ({', '.join(peers)})" for c, peers in sorted(by_commit.items(), key=lambda item: -len(item[1]))]
+    return "from `ifbench peers` runs at commits " + "; ".join(parts)
 
 
 def render(rows: Sequence[PeerRow], commit: str = "unknown") -> list[str]:
@@ -73,7 +100,7 @@ def render(rows: Sequence[PeerRow], commit: str = "unknown") -> list[str]:
         f"ifbench's estimators beside other libraries' implementations of the same method, on `{first.task}` "
         f"({first.n_queries} queries × all {first.n_columns:,} training points as columns, the same θ̂), at "
         f"{first.threads} thread(s): fit + score wall seconds, the median of {first.repeats} alternating runs, "
-        f"from `ifbench peers` at commit {commit[:12]}. *Agreement* is the Pearson correlation of the two score "
+        f"{_commits_sentence(rows, commit)}. *Agreement* is the Pearson correlation of the two score "
         "matrices' entries. *ours / peer* below 1 means ifbench is faster.", "",
         "| ours | peer | library | ours s | peer s | agreement | ours / peer |",
         "|---|---|---|---:|---:|---:|---:|",

@@ -1,5 +1,6 @@
 """``ifbench peers``: pairs timed side by side, saved, loaded and rendered; peers stay out of ``"all"``."""
 
+import dataclasses
 import json
 from typing import ClassVar
 
@@ -34,7 +35,7 @@ def test_a_pair_is_timed_and_agrees_where_the_scores_are_proportional(tmp_path):
     assert (row.n_queries, row.n_columns, row.repeats) == (15, 60, 2)
     peers.save(rows, tmp_path)
     loaded, commit = peers.load(tmp_path)
-    assert loaded == rows and commit
+    assert commit and loaded == [dataclasses.replace(r, commit=commit) for r in rows]
     section = "\n".join(peers.render(rows, commit))
     assert "## Peer implementations side by side" in section and "| `grad-dot` | `twice-grad-dot` | numpy" in section
     assert f"| {row.ratio:.2f} |" in section
@@ -66,3 +67,22 @@ def test_all_means_ifbenchs_own_estimators():
     own = own_estimators(registries)
     assert not set(adapters) & set(own) and set(adapters) | set(own) == set(registries.estimators.names())
     assert "grad-dot" in own
+
+
+def test_merge_keeps_the_pairs_not_measured_now_with_their_commits(tmp_path):
+    """``ifbench peers --merge``: rows of pairs not compared now stay, each naming the commit it was measured
+    at (a file written before rows had one: its own commit); a pair compared again is replaced."""
+    row = dict(ours_options="", library="lib", library_version="1", ours_s=1.0, peer_s=2.0, agreement=1.0,
+               task="toy", n_queries=1, n_columns=2, threads=1, repeats=1)
+    old = [dict(row, ours="a", peer="peer-a"), dict(row, ours="b", peer="peer-b")]
+    (tmp_path / peers.PEERS_FILE).write_text(json.dumps({"format": 1, "commit": "0ldc0mmit000", "rows": old}))
+    again = peers.PeerRow(**dict(row, ours="b", peer="peer-b", ours_s=0.5))
+    peers.save([again], tmp_path, merge=True)
+    loaded, commit = peers.load(tmp_path)
+    assert [(r.peer, r.ours_s, r.commit) for r in loaded] == [("peer-a", 1.0, "0ldc0mmit000"), ("peer-b", 0.5, commit)]
+    assert commit != "0ldc0mmit000"
+    section = "\n".join(peers.render(loaded, commit))
+    assert f"runs at commits 0ldc0mmit000 (`peer-a`); {commit[:12]} (`peer-b`)" in section or \
+        f"runs at commits {commit[:12]} (`peer-b`); 0ldc0mmit000 (`peer-a`)" in section
+    peers.save([again], tmp_path)  # without --merge the file holds what was measured now
+    assert [r.peer for r in peers.load(tmp_path)[0]] == ["peer-b"]
