@@ -142,7 +142,7 @@ def _ensemble_paragraph(rows: list[Record]) -> list[str]:
         if record.status == "ok" and found.get("independent_models", 0) > 0:
             fits[record.estimator, record.task] = found
     shown = [f"`{name}` on {task}: {found['models']:.0f} models, {found['independent_models']:.0f} of them trained by "
-             f"θ̂'s recipe from their own seeds in the fit ({found.get('ensemble_training_s', float('nan')):.0f} s of "
+             f"θ̂'s recipe from their own seeds in the fit (on average {found.get('ensemble_training_s', float('nan')):.0f} s of "
              "training per base model, counted in its fit time)" for (name, task), found in sorted(fits.items())]
     return ["*Ensembles*: " + "; ".join(shown) + ".", ""] if shown else []
 

@@ -140,3 +140,21 @@ def test_a_configured_limit_is_shown_as_over_a_limit_not_as_not_applicable():
     overview = [line for line in board.splitlines() if line.startswith("| `ekfac`") or line.startswith("| `x`")]
     assert "over limit" in overview[0] and "n/a" not in overview[0] and "n/a" in overview[1]
     assert "Not applicable (loo needs single): `x`." in board
+
+
+def test_an_ensemble_states_its_models_and_their_training_from_its_records():
+    """The *Ensembles* line reads each ensemble's size, its independently trained members and their training
+    time from the records (means over base models), and is absent when no estimator trained members."""
+    def record(name, base_model, diagnostics):
+        return {"cell_key": f"lds/{name}/{base_model}", "task": "t", "protocol": "lds", "estimator": name,
+                "base_model": base_model, "headline": "pearson", "ceiling": 1.0, "status": "ok",
+                "groundtruth_diagnostics": {"exact_retraining": 1.0}, "metrics": {"pearson": 0.5},
+                "ci": {"pearson": [0.4, 0.6]}, "estimator_diagnostics": diagnostics}
+
+    ensemble = [record("trak-ens", b, {"models": 5.0, "independent_models": 4.0, "ensemble_training_s": s})
+                for b, s in ((0, 40.0), (1, 50.0))]
+    single = [record("trak", b, {"models": 1.0, "independent_models": 0.0}) for b in (0, 1)]
+    board = render_markdown(ensemble + single)
+    assert ("*Ensembles*: `trak-ens` on t: 5 models, 4 of them trained by θ̂'s recipe from their own seeds in the fit "
+            "(on average 45 s of training per base model, counted in its fit time).") in board
+    assert "*Ensembles*" not in render_markdown(single)
