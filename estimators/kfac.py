@@ -28,7 +28,7 @@ from torch.func import hessian, vmap
 from bench.registry import registered
 from estimators.autodiff import FlatLoss
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
-from estimators.layers import covered_layers, layer_gradients, layer_signals, loss_roots
+from estimators.layers import covered_layers, layer_gradients, layer_parameter_names, layer_signals, loss_roots
 from tasks.base import Split
 
 FISHERS = ("true", "empirical")
@@ -70,8 +70,9 @@ class KroneckerInfluence(Estimator):
         self.layers = covered_layers(ctx.model, ctx.params, cfg.parameters)
         if not self.layers:
             raise NotApplicable("no Linear or Conv2d layer among the chosen parameters")
-        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n is not None}
+        covered = set(layer_parameter_names(self.layers))
         self.flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss, tuple(n for n in ctx.params if n in covered))
+        self._loss_roots = loss_roots(ctx.loss)  # [b, K, 1]: ∇_outputs ℓ at the observed labels
         self.n_left_out = sum(v.numel() for v in ctx.params.values()) - self.flat.size
         self._fit_factors()
         if self.eigen_corrected:
@@ -119,10 +120,6 @@ class KroneckerInfluence(Estimator):
     def _example_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         """ℓ of one example from its outputs ``[K]`` (for vmap)."""
         return self.ctx.loss(outputs[None], target[None])[0]
-
-    def _loss_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``[b, K, 1]``: ∇_outputs ℓ at the observed labels (back-propagated, the per-example gradients)."""
-        return loss_roots(self.ctx.loss)(outputs, targets)
 
     def _output_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``[b, K, C]``: columns whose outer products sum to the Fisher's per-example factor in the model

@@ -141,6 +141,11 @@ def layer_signals(model: nn.Module, params: Params, trainable: Sequence[str], la
             handle.remove()
 
 
+def layer_parameter_names(layers: Sequence[Layer]) -> tuple[str, ...]:
+    """The weights and biases ``layers`` cover, layer by layer (the flat order of :func:`layer_gradients`)."""
+    return tuple(name for layer in layers for name in (layer.weight, layer.bias) if name is not None)
+
+
 def loss_roots(loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """``roots(outputs, targets) → [b, K, 1]``: ∇_outputs of each example's ``loss`` (per-example ``[b]``), the
     output gradients that make :func:`layer_signals` give the loss' per-example gradients."""

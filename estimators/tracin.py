@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
-from estimators.layers import covered_layers, in_model_order, layer_gradients, loss_roots
+from estimators.layers import covered_layers, in_model_order, layer_gradients, layer_parameter_names, loss_roots
 from estimators.options import at_least, one_of
 from tasks.base import Params, Split
 
@@ -50,7 +50,7 @@ def gradient_stage(ctx: FitContext, params: Params, names: tuple[str, ...], weig
         layers = covered_layers(ctx.model, params, names)
         if not layers:
             raise NotApplicable("gradients = 'layers' needs a Linear or Conv2d layer among the chosen parameters")
-        trainable = tuple(n for layer in layers for n in (layer.weight, layer.bias) if n is not None)
+        trainable = layer_parameter_names(layers)
         roots = loss_roots(ctx.loss)
         return Stage(weight, lambda split: layer_gradients(ctx.model, params, trainable, layers, split, roots, chunk))
     flat, feed = ctx.flat_at(params, names)
@@ -101,8 +101,7 @@ class GradientSimilarity(Estimator):
         self.stages = self.make_stages(ctx)
         chosen = select_parameters(ctx.params, self.names)
         if getattr(self.config, "gradients", "vmap") == "layers":  # the layers' weights and biases alone
-            chosen = [n for layer in covered_layers(ctx.model, ctx.params, self.names) for n in (layer.weight, layer.bias)
-                      if n is not None]
+            chosen = layer_parameter_names(covered_layers(ctx.model, ctx.params, self.names))
         self.n_parameters = sum(ctx.params[n].numel() for n in chosen)
         self._train_cache: dict[tuple[int, bytes], Tensor] = {}
         self._cached_bytes = 0

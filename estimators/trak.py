@@ -25,12 +25,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
 
 from bench.registry import registered
 from estimators.autodiff import per_example_grads
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
-from estimators.layers import covered_layers, in_model_order
+from estimators.layers import covered_layers, in_model_order, layer_parameter_names, loss_roots
 from estimators.projection import KroneckerSketch, dense_projection
 from tasks.base import Params, Split
 
@@ -79,13 +78,9 @@ def _same(params: Params, other: Params) -> bool:
     return params.keys() == other.keys() and all(torch.equal(params[k], other[k]) for k in params)
 
 
-def _example_margin(outputs: Tensor, target: Tensor) -> Tensor:
-    return margin(outputs[None], target[None])[0]
-
-
 def margin_roots(outputs: Tensor, targets: Tensor) -> Tensor:
     """``[b, K, 1]``: ∂f/∂outputs of each example's margin (what a layer's output gradients start from)."""
-    return vmap(grad(_example_margin))(outputs, targets)[:, :, None]
+    return loss_roots(margin)(outputs, targets)
 
 
 @dataclass
@@ -146,7 +141,8 @@ class Trak(Estimator):
         member.one_minus_p = 1.0 - probability(ctx.train).double()
         return member
 
-    def _dense_member(self, params: Params, names: tuple[str, ...], seed: int, probability: Any) -> _Member:
+    def _dense_member(self, params: Params, names: tuple[str, ...], seed: int,
+                      probability: Callable[[Split], Tensor]) -> _Member:
         flat_margin, feed = self.ctx.flat_at(params, names, margin)
         projection = dense_projection(flat_margin.size, self.config.projection_dim, seed,
                                       device=self.ctx.device, dtype=flat_margin.theta().dtype)
@@ -162,12 +158,13 @@ class Trak(Estimator):
         width = flat_margin.size if projection is None else projection.shape[1]
         return _Member(features, probability, flat_margin.size, width)
 
-    def _kronecker_member(self, params: Params, names: tuple[str, ...], seed: int, probability: Any) -> _Member:
+    def _kronecker_member(self, params: Params, names: tuple[str, ...], seed: int,
+                          probability: Callable[[Split], Tensor]) -> _Member:
         params = in_model_order(self.ctx.model, params)
         layers = covered_layers(self.ctx.model, params, names)
         if not layers:
             raise NotApplicable("the Kronecker projection needs a Linear or Conv2d layer among the chosen parameters")
-        trainable = tuple(n for layer in layers for n in (layer.weight, layer.bias) if n is not None)
+        trainable = layer_parameter_names(layers)
         sketch = KroneckerSketch.draw(self.ctx.model, params, trainable, layers, self.config.side_dim, seed)
         size = sum(params[n].numel() for n in trainable)
         return _Member(lambda split: sketch.features(split, margin_roots, self.config.grad_chunk), probability,

@@ -439,9 +439,9 @@ def test_layer_rows_on_a_bert_layer_are_exact(tmp_path):
     from batched backward passes equals vmapped per-example gradients; a 2-model ensemble trains its second model
     by the task's recipe from a seed of its own."""
     from bench.context import fit_context
-    from estimators.layers import covered_layers
-    from estimators.tracin import GradDot, GradDotConfig
-    from estimators.trak import Trak, TrakConfig
+    from estimators.layers import covered_layers, layer_parameter_names
+    from estimators.tracin import GradDot
+    from estimators.trak import Trak
 
     model_dir = write_sst2_and_tiny_bert(tmp_path)
     config = HubBertConfig(checkpoint=str(model_dir), data_dir=str(tmp_path), n_train=24, n_test=12, n_queries=4,
@@ -451,7 +451,7 @@ def test_layer_rows_on_a_bert_layer_are_exact(tmp_path):
     trained = fit_context(task, data, task.train(data), seed=0)
     ctx = trained.in_dtype(torch.float64)  # the comparisons in float64: rounding (~1e-16) times κ stays far below 1e-8
     queries = data.queries.in_dtype(torch.float64)
-    linear = tuple(n for layer in covered_layers(ctx.model, ctx.params, ()) for n in (layer.weight, layer.bias) if n)
+    linear = layer_parameter_names(covered_layers(ctx.model, ctx.params, ()))
     assert any(n.startswith("layer.attention") for n in linear) and "classifier.weight" in linear
     idx = torch.arange(24)
 
@@ -469,4 +469,3 @@ def test_layer_rows_on_a_bert_layer_are_exact(tmp_path):
     torch.testing.assert_close(by_layers, by_vmap, rtol=1e-6, atol=1e-9)
     ensemble, _ = scores(Trak, trained, parameters=("*",), projection="kronecker", side_dim=4, models=2)
     assert ensemble.diagnostics()["models"] == 2.0 and ensemble.diagnostics()["ensemble_training_s"] > 0
-    assert TrakConfig is Trak.Config and GradDotConfig is GradDot.Config
