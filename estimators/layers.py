@@ -65,6 +65,16 @@ class Layer:
         bias = flat[:, self.offset + size : self.offset + size + self.d_out]
         return torch.cat([weight, bias[:, :, None]], dim=2)
 
+    def write_gradients(self, flat: Tensor, output_grads: Tensor, inputs: Tensor) -> None:
+        """Write the per-example gradients Σ_positions s aᵀ of output gradients ``[B, t, d_out]`` and inputs
+        ``[B, t, D]`` (from :meth:`inputs`) into this layer's slice of flat rows ``[B, P]``: one batched matmul
+        straight into the slice (no ``[B, d_out, D]`` temporary and no copy), the bias's Σ_t s beside it."""
+        size = self.d_out * (self.d_in - (self.bias is not None))
+        weight = flat[:, self.offset : self.offset + size].view(len(flat), self.d_out, -1)
+        torch.bmm(output_grads.transpose(1, 2), inputs if self.bias is None else inputs[:, :, :-1], out=weight)
+        if self.bias is not None:
+            flat[:, self.offset + size : self.offset + size + self.d_out] = output_grads.sum(1)
+
     def write(self, flat: Tensor, matrices: Tensor) -> None:
         """Inverse of :meth:`matrices`: write ``[B, d_out, D]`` into this layer's slice of flat rows ``[B, P]``
         (the weight row-major, then the bias)."""
@@ -170,6 +180,6 @@ def layer_gradients(model: nn.Module, params: Params, trainable: Sequence[str], 
     for captured in layer_signals(model, params, trainable, layers, split, roots, batch):
         rows = captured[0][0].shape[0]
         for layer, (a, s) in zip(layers, captured, strict=True):
-            layer.write(found[first : first + rows], torch.einsum("bto,bti->boi", s[0], a))
+            layer.write_gradients(found[first : first + rows], s[0], a)
         first += rows
     return found

@@ -110,6 +110,41 @@ def test_datainf_is_block_diagonal_over_a_networks_layers(toy):
     torch.testing.assert_close(est.score(toy.queries, toy.train_idx).double(), expected, rtol=1e-5, atol=1e-9)
 
 
+def test_datainf_from_layer_gradients_equals_the_kept_matrix(toy):
+    """gradients = 'layers' (per-example layer gradients a chunk at a time, never an [n, P] matrix) gives the scores,
+    self-influence and damping of the [n, P] path, in float64, with chunks that do not divide n and a shuffled
+    column order; a 1-column chunk exercises the per-chunk pass of self-influence."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ctx = FitContext(model, params, toy.ctx.loss, toy.ctx.l2, toy.ctx.train, seed=0)
+    kept = fitted(DataInf, ctx, DataInfConfig(damping_scale=0.3, parameters=("*",)))
+    streamed = fitted(DataInf, ctx, DataInfConfig(damping_scale=0.3, parameters=("*",), gradients="layers",
+                                                  grad_chunk=5, column_chunk=7))
+    columns = torch.randperm(ctx.n_train, generator=torch.Generator().manual_seed(1))
+    # float64 throughout and float32 output: equal within a few float32 ulps
+    torch.testing.assert_close(streamed.score(toy.queries, columns), kept.score(toy.queries, columns),
+                               rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(streamed.self_influence(columns[:9]), kept.self_influence(columns[:9]),
+                               rtol=1e-6, atol=1e-12)
+    assert streamed.streamed.damping == pytest.approx(kept.damping, rel=1e-12)
+    assert streamed.diagnostics() == kept.diagnostics() == {"n_parameters": 43.0, "layers": 2.0}
+    one = fitted(DataInf, ctx, DataInfConfig(damping_scale=0.3, parameters=("*",), gradients="layers", column_chunk=1))
+    torch.testing.assert_close(one.self_influence(columns[:3]), kept.self_influence(columns[:3]), rtol=1e-6, atol=1e-12)
+
+
+def test_datainf_layers_needs_a_layer_and_a_known_gradient_mode(toy):
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ctx = FitContext(model, params, toy.ctx.loss, toy.ctx.l2, toy.ctx.train, seed=0)
+    with pytest.raises(NotApplicable, match="Linear or Conv2d"):
+        fitted(DataInf, ctx, DataInfConfig(parameters=("0.bias",), gradients="layers"))
+    with pytest.raises(ValueError, match=r"unknown gradients 'dense'\. Valid: vmap, layers"):
+        DataInfConfig(gradients="dense")
+    with pytest.raises(ValueError, match="column_chunk"):
+        DataInfConfig(column_chunk=0)
+
+
 def test_layer_slices_group_a_modules_parameters():
     assert layer_slices(("a.weight", "a.bias", "b.weight"), [6, 2, 3]) == {"a": slice(0, 8), "b": slice(8, 11)}
     assert layer_slices(("weight", "bias"), [6, 2]) == {"": slice(0, 8)}
