@@ -129,9 +129,9 @@ def spearman_brown(r: np.ndarray | float, k: int) -> np.ndarray:
 
 
 def seed_agreement(name: str, replicates: np.ndarray) -> np.ndarray:
-    """Mean over seed pairs of the row-wise correlation between two seeds' ground truths: ``[Q]``.
+    """Mean over seed pairs of the row-wise correlation between two seeds' ground truths: ``[..., Q]``.
 
-    ``replicates [K, Q, C]`` (K ≥ 2): the same effects under K retraining seeds.
+    ``replicates [K, ..., Q, C]`` (K ≥ 2): the same effects under K retraining seeds.
     """
     pairs = list(itertools.combinations(range(len(replicates)), 2))
     if not pairs:
@@ -143,41 +143,56 @@ def seed_agreement(name: str, replicates: np.ndarray) -> np.ndarray:
 
 
 def ceiling(name: str, replicates: np.ndarray) -> np.ndarray:
-    """Per query, the best expected correlation with the K-seed mean: √ρ_K (see the module docstring): ``[Q]``."""
+    """Per query, the best expected correlation with the K-seed mean: √ρ_K (see the module docstring): ``[..., Q]``."""
     return np.sqrt(spearman_brown(seed_agreement(name, replicates), len(replicates)))
 
 
 def replay_ceiling(noise_var: float, replay_effects: np.ndarray) -> np.ndarray:
     """Per query, the best expected correlation with a replayed truth ``[Q, C]`` whose every replay carries
     arithmetic noise of variance ``noise_var`` (what no estimator that does not reproduce the trainer's rounding
-    can predict): √(1 − noise_var / v_q), v_q the query's variance across the columns; ``[Q]`` in [0, 1]."""
-    spread = np.var(np.asarray(replay_effects, dtype=np.float64), axis=1, ddof=1)
+    can predict): √(1 − noise_var / v_q), v_q the query's variance across the columns; ``[..., Q]`` in [0, 1]."""
+    spread = np.var(np.asarray(replay_effects, dtype=np.float64), axis=-1, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         reliability = np.where(spread > 0, 1.0 - noise_var / spread, np.nan)
     return np.sqrt(np.clip(reliability, 0.0, 1.0))
 
 
-#: ``statistic(rows, columns)``: a per-query value array for the resampled query rows and column indices.
-Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: ``statistic(rows, columns)``: per-query values ``[..., Q]`` for resampled query rows ``[..., Q]`` and column
+#: indices (each ``[..., L]``), a leading batch of resamples or none; :func:`take` indexes a matrix with them.
+Statistic = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
 #: ``draw(rng)``: resampled column indices (the protocol knows which columns belong together).
-ColumnDraw = Callable[[np.random.Generator], np.ndarray]
+ColumnDraw = Callable[[np.random.Generator], list[np.ndarray]]
+#: Resampled entries (rows × columns) a bootstrap batch holds at a time, whatever the matrix's size.
+BATCH_ENTRIES = 2_000_000
+
+
+def take(matrix: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``matrix[..., rows, columns]`` as a grid: ``[..., B, Q, L]`` from ``matrix [..., R, C]``, ``rows [B, Q]``
+    and ``columns [B, L]`` (``[..., Q, L]`` without the batch axis)."""
+    return matrix[..., rows[..., :, None], columns[..., None, :]]
 
 
 def two_way_bootstrap(statistic: Statistic, n_rows: int, draw_columns: ColumnDraw, *, estimate: float,
                       resamples: int = 1000, seed: int = 0, bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float]:
     """95% CI of ``estimate``, the mean over queries of ``statistic``: estimate ± 1.96 standard deviations of the
-    resampled means, queries and columns resampled together; clipped to ``bounds`` (a correlation's range)."""
+    resampled means, queries and columns resampled together; clipped to ``bounds`` (a correlation's range).
+
+    Resamples are drawn one by one (rows, then columns, from one generator) and the statistic is evaluated on a
+    batch of them at a time, so the draws, and the interval, do not depend on the batch size."""
     generator = np.random.default_rng(seed)
-    everything = np.arange(n_rows)
-    means = []
+    draws = [(generator.integers(0, n_rows, n_rows), draw_columns(generator)) for _ in range(resamples)]
+    entries = n_rows * sum(len(block) for block in draws[0][1]) if draws else 1
+    size, means = max(1, BATCH_ENTRIES // max(1, entries)), []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no defined query is skipped
-        for _ in range(resamples):
-            rows = generator.integers(0, n_rows, n_rows)
-            value = np.nanmean(statistic(everything[rows], draw_columns(generator)))
-            if np.isfinite(value):
-                means.append(value)
-    if len(means) < 2 or not np.isfinite(estimate):
+        for start in range(0, resamples, size):
+            chunk = draws[start : start + size]
+            rows = np.stack([r for r, _ in chunk])
+            columns = [np.stack(block) for block in zip(*(c for _, c in chunk), strict=True)]
+            means.append(np.nanmean(statistic(rows, columns), axis=-1))
+    values = np.concatenate(means) if means else np.empty(0)
+    values = values[np.isfinite(values)]
+    if len(values) < 2 or not np.isfinite(estimate):
         return float("nan"), float("nan")
-    half = 1.959963984540054 * float(np.std(means, ddof=1))
+    half = 1.959963984540054 * float(np.std(values, ddof=1))
     return max(bounds[0], estimate - half), min(bounds[1], estimate + half)

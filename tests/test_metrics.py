@@ -11,6 +11,7 @@ from bench.metrics import (
     rowwise,
     seed_agreement,
     spearman_brown,
+    take,
     top_k_overlap,
     two_way_bootstrap,
 )
@@ -148,7 +149,7 @@ def test_two_way_bootstrap_covers_the_expected_value_where_queries_alone_do_not(
 
     def statistic(predicted, actual):
         return lambda rows, chosen: np.nanmean(np.stack(
-            [rowwise("pearson", predicted[rows][:, c], actual[rows][:, c]) for c in chosen]), axis=0)
+            [rowwise("pearson", take(predicted, rows, c), take(actual, rows, c)) for c in chosen]), axis=0)
 
     everything = np.arange(30)
     expected = np.mean([np.nanmean(statistic(*sample())(everything, spans)) for _ in range(2000)])
@@ -163,3 +164,34 @@ def test_two_way_bootstrap_covers_the_expected_value_where_queries_alone_do_not(
         queries_only += low <= expected <= high
     assert 0.80 <= two_way / trials <= 1.0
     assert queries_only / trials < two_way / trials - 0.15
+
+
+@pytest.mark.parametrize("batch_entries", [1, 50, 10**7])
+def test_two_way_bootstrap_in_batches_equals_one_resample_at_a_time(monkeypatch, batch_entries):
+    """The batched bootstrap draws what a loop over resamples draws and evaluates the same statistic on each:
+    against a reference loop (rows, then columns, from one generator; the statistic on one resample at a time),
+    the interval is equal to rounding, whatever the batch size (1 resample, a few, all)."""
+    import bench.metrics
+
+    generator = np.random.default_rng(3)
+    predicted, actual = generator.normal(size=(2, 12, 17))
+    actual[0] = 1.0  # a constant row: undefined in every resample that draws it
+    blocks = [np.arange(0, 9), np.arange(9, 17)]
+
+    def statistic(rows, chosen):
+        return np.nanmean(np.stack([rowwise("spearman", take(predicted, rows, c), take(actual, rows, c))
+                                    for c in chosen]), axis=0)
+
+    def draw(g):
+        return [b[g.integers(0, len(b), len(b))] for b in blocks]
+
+    estimate = float(np.nanmean(statistic(np.arange(12), blocks)))
+    reference, means = np.random.default_rng(5), []
+    for _ in range(200):
+        rows = reference.integers(0, 12, 12)
+        means.append(np.nanmean(statistic(rows, draw(reference))))
+    half = 1.959963984540054 * np.std(means, ddof=1)
+    monkeypatch.setattr(bench.metrics, "BATCH_ENTRIES", batch_entries)
+    low, high = two_way_bootstrap(statistic, 12, draw, estimate=estimate, resamples=200, seed=5)
+    assert (low, high) == pytest.approx((max(-1, estimate - half), min(1, estimate + half)), abs=1e-12)
+    assert high - low > 0.05

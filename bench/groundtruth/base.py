@@ -231,8 +231,8 @@ class ScoreMatrixProtocol(Protocol):
         result = CellResult(predicted=predicted, actual=truth.actual)
 
         def statistic(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-            return mean_over_blocks([metrics.rowwise(self.correlation, predicted[rows][:, b], truth.actual[rows][:, b])
-                                for b in blocks])
+            return mean_over_blocks([metrics.rowwise(self.correlation, metrics.take(predicted, rows, b),
+                                                     metrics.take(truth.actual, rows, b)) for b in blocks])
 
         values = statistic(np.arange(len(predicted)), self.blocks(truth))
         result.add(self.headline, values)
@@ -249,10 +249,11 @@ class ScoreMatrixProtocol(Protocol):
         replicates = truth.replicates
 
         def statistic(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-            return mean_over_blocks([metrics.ceiling(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
+            return mean_over_blocks([metrics.ceiling(self.correlation, metrics.take(replicates, rows, b)) for b in blocks])
 
         def agreement(rows: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-            return mean_over_blocks([metrics.seed_agreement(self.correlation, replicates[:, rows][:, :, b]) for b in blocks])
+            return mean_over_blocks([metrics.seed_agreement(self.correlation, metrics.take(replicates, rows, b))
+                                     for b in blocks])
 
         everything = np.arange(replicates.shape[1])
         value = float(np.nanmean(statistic(everything, self.blocks(truth))))

@@ -222,7 +222,7 @@ class ReplayProtocol(ScoreMatrixProtocol):
 
         def at(noise_var: float) -> Callable[[np.ndarray, list[np.ndarray]], np.ndarray]:
             return lambda rows, blocks: mean_over_blocks(
-                [metrics.replay_ceiling(noise_var, truth.actual[rows][:, b]) for b in blocks])
+                [metrics.replay_ceiling(noise_var, metrics.take(truth.actual, rows, b)) for b in blocks])
 
         value = float(np.nanmean(at(noise)(np.arange(n), self.blocks(truth))))
         worst, best = n * noise / chi2.ppf(0.025, n), n * noise / chi2.ppf(0.975, n)
