@@ -30,13 +30,10 @@ from torch import Tensor
 
 from bench.registry import registered
 from estimators.autodiff import per_example_grads
-from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
-from estimators.layers import covered_layers, in_model_order, layer_gradients, layer_parameter_names, loss_roots
+from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext
+from estimators.layers import GRADIENTS, layer_gradient_source
 from estimators.options import at_least, one_of
 from tasks.base import Split
-
-#: how per-example gradients are taken (see :data:`estimators.tracin.GRADIENTS`)
-GRADIENTS = ("vmap", "layers")
 
 
 @dataclass(frozen=True)
@@ -141,13 +138,9 @@ class StreamedDataInf:
 
     def __init__(self, ctx: FitContext, cfg: DataInfConfig):
         self.ctx, self.config = ctx, cfg
-        params = in_model_order(ctx.model, ctx.params)  # a checkpoint may store its parameters in another order
-        layers = covered_layers(ctx.model, params, tuple(cfg.parameters or ctx.default_parameters))
-        if not layers:
-            raise NotApplicable("gradients = 'layers' needs a Linear or Conv2d layer among the chosen parameters")
-        trainable, roots = layer_parameter_names(layers), loss_roots(ctx.loss)
-        self._layer_grads = lambda split, out=None: layer_gradients(ctx.model, params, trainable, layers, split, roots,
-                                                                    cfg.grad_chunk, out)
+        self._layer_grads = layer_gradient_source(ctx.model, ctx.params, tuple(cfg.parameters or ctx.default_parameters),
+                                                  ctx.loss, cfg.grad_chunk)
+        layers = self._layer_grads.layers
         self.layers = {layer.name: slice(layer.offset, layer.offset + layer.d_out * layer.d_in) for layer in layers}
         self.n_parameters = sum(layer.d_out * layer.d_in for layer in layers)
         self.norms = torch.zeros(ctx.n_train, len(self.layers), dtype=torch.float64)  # ‖g_il‖²
@@ -159,13 +152,9 @@ class StreamedDataInf:
 
     def _training_chunks(self, train_idx: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """``(cols, grads [len(cols), P])`` over ``train_idx`` (all training points when None), ``column_chunk``
-        at a time, the gradients in one reused buffer (valid until the next chunk)."""
+        at a time (see :meth:`LayerGradientSource.chunks`)."""
         train_idx = torch.arange(self.ctx.n_train) if train_idx is None else train_idx
-        buffer = None
-        for cols in train_idx.split(self.config.column_chunk):
-            grads = self._layer_grads(self.ctx.train.subset(cols), buffer)
-            buffer = grads if buffer is None else buffer
-            yield cols, grads
+        return self._layer_grads.chunks(self.ctx.train, train_idx, self.config.column_chunk)
 
     def inverse_curvature(self, vectors: Tensor) -> Tensor:
         """``[B, P]``: Ĥ⁻¹ v layer by layer, the Sherman–Morrison sum accumulated over one pass."""

@@ -46,11 +46,14 @@ class InverseHvpInfluence(Estimator):
         self.task_dtype = next(iter(ctx.params.values())).dtype
         ctx = ctx.in_precision(getattr(self.config, "dtype", ""))
         self.ctx = ctx
-        names = self.config.parameters or ctx.default_parameters or None
-        self.flat = FlatLoss.of(ctx.model, ctx.params, ctx.loss, names)
+        self.flat = self.make_flat(ctx)
         self.l2 = ctx.l2 + self.config.damping
         self._info: dict[str, float] = {"n_parameters": float(self.flat.size)}
         self.prepare(ctx)
+
+    def make_flat(self, ctx: FitContext) -> FlatLoss:
+        """The loss over the chosen parameters (``parameters``, else the task's default subset)."""
+        return FlatLoss.of(ctx.model, ctx.params, ctx.loss, self.config.parameters or ctx.default_parameters or None)
 
     def prepare(self, ctx: FitContext) -> None:
         """Query-independent work (factorisations, scale estimates)."""

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from estimators.autodiff import select_parameters
+from estimators.base import NotApplicable
 from tasks.base import Params, Split
+
+#: how per-example gradients are taken: vmap over the chosen parameters, or the Linear/Conv2d layers among them
+#: from batched backward passes (:func:`layer_gradients`; norms and embeddings left out)
+GRADIENTS = ("vmap", "layers")
 
 
 @dataclass
@@ -183,3 +188,47 @@ def layer_gradients(model: nn.Module, params: Params, trainable: Sequence[str], 
             layer.write_gradients(found[first : first + rows], s[0], a)
         first += rows
     return found
+
+
+@dataclass(frozen=True)
+class LayerGradientSource:
+    """Per-example gradients of the Linear/Conv2d ``layers`` at ``params`` (model order) from batched backward passes
+    of ``batch`` examples: ``source(split) → [len(split), size]`` over ``names``, their weights and biases in flat
+    order; norm and embedding parameters are not among them."""
+
+    model: nn.Module
+    params: Params
+    layers: tuple[Layer, ...]
+    roots: Callable[[Tensor, Tensor], Tensor]
+    batch: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return layer_parameter_names(self.layers)
+
+    @property
+    def size(self) -> int:
+        return sum(layer.d_out * layer.d_in for layer in self.layers)
+
+    def __call__(self, split: Split, out: Tensor | None = None) -> Tensor:
+        return layer_gradients(self.model, self.params, self.names, self.layers, split, self.roots, self.batch, out)
+
+    def chunks(self, train: Split, idx: Tensor, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(cols, grads [len(cols), size])`` over ``train``'s points ``idx``, ``chunk`` at a time, the gradients in
+        one reused buffer (valid until the next chunk): memory O(chunk · size), never ``[len(idx), size]``."""
+        buffer = None
+        for cols in idx.split(chunk):
+            grads = self(train.subset(cols), buffer)
+            buffer = grads if buffer is None else buffer
+            yield cols, grads
+
+
+def layer_gradient_source(model: nn.Module, params: Params, names: tuple[str, ...],
+                          loss: Callable[[Tensor, Tensor], Tensor], batch: int) -> LayerGradientSource:
+    """The :class:`LayerGradientSource` of the Linear/Conv2d layers among ``names`` (all when empty) for the per-example
+    ``loss``; NotApplicable where there is none."""
+    params = in_model_order(model, params)  # a checkpoint may store its parameters in another order
+    layers = covered_layers(model, params, names)
+    if not layers:
+        raise NotApplicable("gradients = 'layers' needs a Linear or Conv2d layer among the chosen parameters")
+    return LayerGradientSource(model, params, tuple(layers), loss_roots(loss), batch)

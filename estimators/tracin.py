@@ -19,13 +19,10 @@ from torch import Tensor, nn
 from bench.registry import registered
 from estimators.autodiff import FlatLoss, per_example_grads, select_parameters
 from estimators.base import SELF_INFLUENCE, SINGLE, Estimator, FitContext, NotApplicable
-from estimators.layers import covered_layers, in_model_order, layer_gradients, layer_parameter_names, loss_roots
+from estimators.layers import GRADIENTS, covered_layers, layer_gradient_source, layer_parameter_names
 from estimators.options import at_least, one_of
 from tasks.base import Params, Split
 
-#: how per-example gradients are taken: vmap over the chosen parameters, or the Linear/Conv2d layers among them
-#: from batched backward passes (:func:`estimators.layers.layer_gradients`; norms and embeddings left out)
-GRADIENTS = ("vmap", "layers")
 #: ``split ↦ (δ [b, C], x̃ [b, d'])`` with the per-example gradient δ ⊗ x̃, or None where it is not of that form.
 Factors = Callable[[Split], "tuple[Tensor, Tensor] | None"]
 
@@ -46,13 +43,7 @@ def gradient_stage(ctx: FitContext, params: Params, names: tuple[str, ...], weig
     ``names`` are exactly the head (identical gradients, the trunk run once per split). ``gradients = "layers"``:
     the Linear/Conv2d layers among ``names`` only, from one batched backward pass per chunk (no vmap)."""
     if gradients == "layers":
-        params = in_model_order(ctx.model, params)  # a checkpoint may store its parameters in another order
-        layers = covered_layers(ctx.model, params, names)
-        if not layers:
-            raise NotApplicable("gradients = 'layers' needs a Linear or Conv2d layer among the chosen parameters")
-        trainable = layer_parameter_names(layers)
-        roots = loss_roots(ctx.loss)
-        return Stage(weight, lambda split: layer_gradients(ctx.model, params, trainable, layers, split, roots, chunk))
+        return Stage(weight, layer_gradient_source(ctx.model, params, names, ctx.loss, chunk))
     flat, feed = ctx.flat_at(params, names)
     factors = linear_factors(flat)
     return Stage(weight, lambda split: per_example_grads(flat, feed(split), chunk=chunk),

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
 
 from estimators.arnoldi import ArnoldiConfig, ArnoldiInfluence
 from estimators.autodiff import FlatLoss, full_hessian, per_example_grads
+from estimators.base import FitContext, NotApplicable
 from estimators.influence import ExactConfig, ExactInfluence
 from estimators.solvers import arnoldi_eigenpairs
 
@@ -55,3 +57,15 @@ def test_the_iteration_finds_the_largest_eigenvalues_of_a_known_operator():
 def test_rank_above_iterations_is_refused():
     with pytest.raises(ValueError, match="arnoldi needs 1 ≤ rank ≤ iterations, got rank=60, iterations=50"):
         ArnoldiConfig(iterations=50, rank=60)
+
+
+def test_layer_gradients_need_a_known_mode_and_a_layer(toy):
+    with pytest.raises(ValueError, match=r"unknown gradients 'dense'\. Valid: vmap, layers"):
+        ArnoldiConfig(gradients="dense")
+    with pytest.raises(ValueError, match="column_chunk"):
+        ArnoldiConfig(column_chunk=0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ctx = FitContext(model, params, toy.ctx.loss, toy.ctx.l2, toy.ctx.train, seed=0)
+    with pytest.raises(NotApplicable, match="Linear or Conv2d"):
+        ArnoldiInfluence(ArnoldiConfig(parameters=("0.bias",), gradients="layers", iterations=2, rank=1)).fit(ctx)

@@ -436,9 +436,11 @@ def test_full_suite_protocols_run_on_the_network_tasks(tmp_path):
 def test_layer_rows_on_a_bert_layer_are_exact(tmp_path):
     """On a real (tiny) BERT layer, whose Linear layers act along the sequence: TRAK's Kronecker sketch with sides
     as wide as the layers equals dense no-projection TRAK over the same Linear weights and biases, and grad-dot
-    from batched backward passes equals vmapped per-example gradients, as does DataInf streamed from them; a 2-model
+    from batched backward passes equals vmapped per-example gradients, as do DataInf and Arnoldi (same Krylov
+    space: the same HVPs) scoring training points a chunk at a time from them; a 2-model
     ensemble trains its second model by the task's recipe from a seed of its own."""
     from bench.context import fit_context
+    from estimators.arnoldi import ArnoldiInfluence
     from estimators.datainf import DataInf
     from estimators.layers import covered_layers, layer_parameter_names
     from estimators.tracin import GradDot
@@ -471,5 +473,11 @@ def test_layer_rows_on_a_bert_layer_are_exact(tmp_path):
     _, kept = scores(DataInf, parameters=linear)
     _, streamed = scores(DataInf, parameters=("*",), gradients="layers", column_chunk=10)
     torch.testing.assert_close(streamed, kept, rtol=1e-6, atol=1e-12)
+    whole, by_vmap = scores(ArnoldiInfluence, parameters=linear, iterations=12, rank=6, damping=0.01)
+    chunked, by_layers = scores(ArnoldiInfluence, parameters=("*",), iterations=12, rank=6, damping=0.01,
+                                gradients="layers", column_chunk=10)
+    assert chunked.diagnostics()["n_parameters"] == whole.diagnostics()["n_parameters"]
+    torch.testing.assert_close(by_layers, by_vmap, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(chunked.self_influence(idx), whole.self_influence(idx), rtol=1e-6, atol=1e-12)
     ensemble, _ = scores(Trak, trained, parameters=("*",), projection="kronecker", side_dim=4, models=2)
     assert ensemble.diagnostics()["models"] == 2.0 and ensemble.diagnostics()["ensemble_training_s"] > 0
